@@ -1,0 +1,81 @@
+"""Loading a base pipeline and wrapping it in the backbone of its family."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from erasure.backbones.base import Backbone, Conditioning, Noised
+from erasure.backbones.sd1 import StableDiffusionBackbone
+from erasure.backbones.sd3 import StableDiffusion3Backbone
+
+__all__ = ["Backbone", "Conditioning", "Noised", "load_backbone", "resolve_model", "wrap_pipeline"]
+
+FAMILIES = {
+    "StableDiffusionPipeline": StableDiffusionBackbone,
+    "StableDiffusion3Pipeline": StableDiffusion3Backbone,
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure"))
+
+
+def resolve_model(model: str, revision: str | None = None) -> Path:
+    """A local folder holding the pipeline: tiny:* fixtures are built, hub ids are downloaded
+    (or found in the hub cache; HF_TOKEN is read by huggingface_hub from the environment)."""
+    if model.startswith("tiny:"):
+        from erasure.tiny import TINY_BUILDERS, build_atomically
+
+        name = model.removeprefix("tiny:")
+        if name not in TINY_BUILDERS:
+            raise ValueError(f"model: {model!r}; tiny fixtures are {', '.join('tiny:' + n for n in TINY_BUILDERS)}")
+        return build_atomically(cache_dir() / "tiny" / name, TINY_BUILDERS[name])
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"model: {model!r} has no model_index.json; expected a diffusers "
+                             "pipeline folder (save_pretrained output) or a hub id")
+        return path
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(model, revision=revision, use_safetensors=True))
+    except Exception as e:  # hub errors come in many types; the message is what the user needs
+        raise ValueError(f"model: {model!r} is neither a local pipeline folder nor a reachable hub "
+                         f"id ({type(e).__name__}: {e})") from None
+
+
+def has_t5(folder: Path) -> bool:
+    entry = json.loads((folder / "model_index.json").read_text()).get("text_encoder_3")
+    return bool(entry and entry[0])
+
+
+def wrap_pipeline(pipe, config=None) -> Backbone:
+    name = type(pipe).__name__
+    if name not in FAMILIES:
+        raise ValueError(f"pipeline class {name} is not supported; erasure supports "
+                         f"{', '.join(FAMILIES)}")
+    family = FAMILIES[name]
+    if family is StableDiffusion3Backbone and config is not None:
+        return family(pipe, use_t5=config.use_t5, weighting_scheme=config.weighting_scheme,
+                      logit_mean=config.logit_mean, logit_std=config.logit_std,
+                      mode_scale=config.mode_scale)
+    return family(pipe, use_t5=getattr(config, "use_t5", True))
+
+
+def load_backbone(folder: Path, config=None) -> Backbone:
+    """Load the pipeline in float32 from safetensors only, never with remote code."""
+    from diffusers import DiffusionPipeline
+
+    extra = {}
+    if config is not None and not config.use_t5 and has_t5(folder):
+        # Training without T5 saves its memory (≈ 19 GB in fp32 for SD3); export copies it back.
+        extra = {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                             **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return wrap_pipeline(pipe, config)

@@ -1,0 +1,121 @@
+"""What a method may ask of a model family (DESIGN.md, "Backbones").
+
+A backbone wraps a loaded diffusers pipeline and answers: which parameters train for a scope, how
+prompts become conditioning, how a clean latent is noised (with the native training target), how a
+native prediction becomes a noise prediction, and which scheduler samples from it. Methods only talk
+to this interface, so each method is written once for SD 1.x and SD3.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+
+Conditioning = dict[str, torch.Tensor]  # batch-first tensors the denoiser takes as keyword args
+
+
+@dataclass
+class Noised:
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor  # the native training target (eps, v or flow velocity)
+    weight: torch.Tensor | None = None  # per-sample loss weight (SD3 weighting schemes)
+
+
+class Backbone:
+    family: str
+    # Regexes over parameter names. `cross_attention`: the weights that read the text (ESD-x);
+    # `noxattn_excluded`: what ESD-u also leaves alone (time embedding and output layer, as the ESD
+    # code's "noxattn" does); `lora_targets`: module names that get LoRA adapters.
+    cross_attention: str
+    noxattn_excluded: str
+    lora_targets: list[str]
+
+    def __init__(self, pipe, use_t5: bool = True):
+        self.pipe = pipe
+        self.use_t5 = use_t5
+
+    # ---- the model ----------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def native_resolution(self) -> int:
+        return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+
+    def select_trainable(self, scope: str, lora_rank: int = 4, lora_alpha: float | None = None):
+        """Freeze everything, then unfreeze (or attach LoRA to) the scope's weights.
+
+        Returns the (name, parameter) pairs that train."""
+        model = self.denoiser
+        model.requires_grad_(False)
+        if scope == "lora":
+            from peft import LoraConfig
+
+            model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
+                                         init_lora_weights="gaussian", target_modules=self.lora_targets))
+            return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        chosen = []
+        for name, param in model.named_parameters():
+            xattn = re.search(self.cross_attention, name) is not None
+            if (scope == "full" or (scope == "xattn" and xattn)
+                    or (scope == "noxattn" and not xattn and not re.search(self.noxattn_excluded, name))):
+                param.requires_grad_(True)
+                chosen.append((name, param))
+        if not chosen:
+            raise ValueError(f"scope {scope!r} selects no parameter of {type(model).__name__}")
+        return chosen
+
+    def frozen_copy(self, dtype: torch.dtype) -> torch.nn.Module:
+        """An untrainable copy of the base denoiser (ESD's eps_0)."""
+        frozen = copy.deepcopy(self.denoiser).to(dtype)
+        frozen.requires_grad_(False)
+        return frozen.eval()
+
+    # ---- conditioning and latents (frozen parts; called once per run, not per step) -----------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device) -> Conditioning:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] → the VAE posterior's mean and std; latents are drawn per step."""
+        dist = self.pipe.vae.encode(pixels).latent_dist
+        return dist.mean, dist.std
+
+    def latents(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae.config
+        z = mean + std * noise
+        return (z - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
+
+    # ---- the noise process ----------------------------------------------------------------------
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
+        raise NotImplementedError
+
+    def predict(self, model, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning):
+        raise NotImplementedError
+
+    def to_eps(self, pred: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampling_scheduler(self):
+        raise NotImplementedError
+
+    # ---- export ---------------------------------------------------------------------------------
+    def save_lora(self, directory, lora_state_dict: dict) -> None:
+        raise NotImplementedError
+
+
+def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample scalars shaped to multiply a batch of latents."""
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.device, like.dtype)

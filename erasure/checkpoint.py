@@ -1,0 +1,90 @@
+"""Resumable training state, in safetensors and JSON only (no pickle is ever loaded).
+
+accelerate's `save_state` pickles the optimizer and RNG states; ours stores the trainable weights,
+the optimizer's tensors and any SalUn mask as safetensors, and the rest (step, learning-rate
+schedule, loss scaler, recipe) as JSON. RNG state is not needed: every step's randomness is drawn
+from a generator seeded by (seed, step), so a resumed run draws what the uninterrupted one drew.
+Checkpoints are written to a temporary folder and renamed, so a kill never leaves a half one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(root: Path) -> list[Path]:
+    found = [p for p in Path(root).glob("checkpoint-*") if PATTERN.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+
+
+def _split_optimizer_state(state: dict):
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, lr_scheduler,
+                    scaler, extra_tensors: dict[str, torch.Tensor], record: dict,
+                    total_limit: int | None) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=root))
+    tmp.chmod(0o755)
+    opt_tensors, opt_json = _split_optimizer_state(optimizer.state_dict())
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
+    save_file({k: v.cpu() for k, v in {**opt_tensors, **extra_tensors}.items()}, tmp / "optimizer.safetensors")
+    state = {"step": step, "optimizer": opt_json, "lr_scheduler": lr_scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None, **record}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
+    target = root / f"checkpoint-{step}"
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    if total_limit:
+        for old in checkpoints(root)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler):
+    """Restores optimizer, schedule and scaler in place; returns (state, weights, extra tensors)."""
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        raise FileNotFoundError(f"resume: {folder} is not a checkpoint (no state.json)")
+    state = json.loads((folder / "state.json").read_text())
+    weights = load_file(folder / "trainable.safetensors")
+    stored = load_file(folder / "optimizer.safetensors")
+    per_param: dict[int, dict] = {}
+    extra = {}
+    for key, value in stored.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            per_param.setdefault(int(index), {})[name] = value
+        else:
+            extra[key] = value
+    for index, scalars in state["optimizer"]["scalars"].items():
+        per_param.setdefault(int(index), {}).update(scalars)
+    groups = state["optimizer"]["param_groups"]
+    for group in groups:  # JSON turned tuples (Adam's betas) into lists
+        for key, value in group.items():
+            if isinstance(value, list) and key != "params":
+                group[key] = tuple(value)
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state, weights, extra

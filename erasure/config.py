@@ -1,0 +1,335 @@
+"""The training recipe: one dataclass that is both the YAML schema and the command line.
+
+A recipe is a flat YAML file whose keys are the fields below; `include: other.yaml` (relative to the
+including file) reads a base recipe first, so a variant is a few lines. Command-line flags
+(`--key value`) override recipe values. Unknown keys and bad values fail here, before any model
+loads, naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = (
+    "finetune",
+    "graddiff",
+    "graddiffd",
+    "rg",
+    "rgd",
+    "esd-u",
+    "esd-x",
+    "salun",
+    "msgm-orthogonal",
+    "msgm-obtuse",
+)
+SCOPES = ("full", "xattn", "noxattn", "lora")
+
+# ESD-u trains everything but cross-attention, ESD-x only cross-attention (Gandikota et al. 2023, §4).
+METHOD_SCOPE = {"esd-u": "noxattn", "esd-x": "xattn"}
+
+# Retain weight λ when the recipe gives none: RGD's SD 1.4 nudity setting (1.5; Ko, Li et al.,
+# appendix C) for the gradient-difference family, SalUn's α = 0.1 (Fan et al. 2024, SD recipe),
+# MSGM's public code (0.99 L_r on forget steps).
+DEFAULT_RETAIN_WEIGHT = {"salun": 0.1, "msgm-orthogonal": 0.99, "msgm-obtuse": 0.99}
+
+TINY_DATA = "tiny:"
+
+
+class RecipeError(ValueError):
+    """A recipe or flag is wrong; the message names the file, key or value and what is allowed."""
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    # What to erase, from what.
+    model: str = field(default="", metadata=_help(
+        "Base pipeline: a hub id, a local folder, or tiny:sd1 / tiny:sd3 (built on first use)."))
+    revision: str | None = field(default=None, metadata=_help("Hub revision of the base model."))
+    method: str = field(default="", metadata=_help("One of: " + ", ".join(METHODS), choices=METHODS))
+    concept: str = field(default="", metadata=_help(
+        "The concept being erased, in words (recorded in the card; ESD's prompt when no forget_data)."))
+    scope: str | None = field(default=None, metadata=_help(
+        "Trainable parameters: full, xattn, noxattn or lora. Default: the method's (ESD-u noxattn, "
+        "ESD-x xattn, others full).", choices=SCOPES))
+    lora_rank: int = field(default=4, metadata=_help("LoRA rank when scope is lora."))
+    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha; default: the rank."))
+    use_t5: bool = field(default=True, metadata=_help(
+        "SD3: condition on T5 as well as the CLIP encoders. false trains without loading T5; the "
+        "export still carries the base model's T5."))
+
+    # Data.
+    forget_data: str | None = field(default=None, metadata=_help(
+        "Forget set D_f: a folder with metadata.jsonl (datasets imagefolder), a parquet file or "
+        "folder, a hub dataset id, or tiny:forget."))
+    retain_data: str | None = field(default=None, metadata=_help("Retain set D_r, same forms."))
+    prompt_column: str = field(default="prompt", metadata=_help("Column holding the prompt."))
+    image_column: str = field(default="image", metadata=_help("Column holding the image."))
+    resolution: int | None = field(default=None, metadata=_help(
+        "Training image size; default: the model's native size."))
+
+    # Optimisation. Defaults: RGD's SD 1.4 nudity run (Adam, lr 1e-5, batch 8, ≈100 steps).
+    seed: int = field(default=0, metadata=_help("Seeds data order, noise and timesteps."))
+    max_steps: int = field(default=100, metadata=_help("Optimizer steps."))
+    batch_size: int = field(default=8, metadata=_help(
+        "Global batch per optimizer step, per set (forget and retain each), over all processes."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help(
+        "Micro-batches per process per step; the batch is split, the update is the same."))
+    learning_rate: float = field(default=1e-5, metadata=_help("Adam learning rate."))
+    lr_scheduler: str = field(default="constant", metadata=_help(
+        "diffusers.optimization scheduler name.",
+        choices=("constant", "constant_with_warmup", "linear", "cosine")))
+    lr_warmup_steps: int = field(default=0, metadata=_help("Warm-up steps of the lr schedule."))
+    adam_beta1: float = field(default=0.9, metadata=_help("Adam β1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("Adam β2."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("Adam ε."))
+    weight_decay: float = field(default=0.0, metadata=_help("Decoupled weight decay (0 = Adam)."))
+    max_grad_norm: float | None = field(default=None, metadata=_help(
+        "Clip the combined update to this norm; default: no clipping, as in RGD."))
+    mixed_precision: str = field(default="no", metadata=_help(
+        "Autocast precision of the forward passes.", choices=("no", "fp16", "bf16")))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "Recompute activations in backward to save memory."))
+
+    # Forget / retain losses (GradDiff, RG, RGD, SalUn, MSGM).
+    retain_weight: float | None = field(default=None, metadata=_help(
+        "λ in grad = δ_f + λ δ_r. Default: 1.5 (RGD), 0.1 for SalUn, 0.99 for MSGM, 1 for Finetune."))
+    forget_weight: float = field(default=1.0, metadata=_help("λ_f in g_f = ∇(-λ_f min(l_f, cap))."))
+    forget_loss_cap: float | None = field(default=1.1, metadata=_help(
+        "Truncate the ascended forget loss at this value (RGD SD 1.4: ≈1.1); null: no cap."))
+
+    # ESD (Gandikota et al. 2023).
+    esd_negative_guidance: float = field(default=1.0, metadata=_help(
+        "η in the target eps_0(x_t,∅) - η (eps_0(x_t,c) - eps_0(x_t,∅)); the paper uses 1."))
+    esd_sample_steps: int = field(default=50, metadata=_help(
+        "Sampler steps of the trajectory x_t is drawn from (ESD: 50 DDIM steps)."))
+    esd_start_guidance: float = field(default=3.0, metadata=_help(
+        "Guidance scale when sampling x_t (ESD: 3)."))
+
+    # SalUn (Fan et al. 2024).
+    salun_mask_ratio: float = field(default=0.5, metadata=_help(
+        "Share of weights, ranked by forget-gradient saliency, that are updated (SalUn: 0.5)."))
+    salun_anchor_prompt: str = field(default="a photo of a person wearing clothes", metadata=_help(
+        "Prompt the forget images are relabelled to (SalUn's nudity anchor)."))
+
+    # MSGM.
+    msgm_rho: float = field(default=1.0, metadata=_help(
+        "ρ, the forget-loss scale. Positive forgets for both variants; the obtuse loss is "
+        "ρ·<eps, eps_hat>, so the paper's printed negative ρ pulls toward the noise instead."))
+    msgm_orthogonal_form: str = field(default="elementwise", metadata=_help(
+        "Orthogonal loss: elementwise ‖eps ⊙ eps_hat‖² (public code) or inner (eps·eps_hat)².",
+        choices=("elementwise", "inner")))
+    msgm_every: int = field(default=4, metadata=_help("Apply the forget term every k-th step."))
+    msgm_forget_weight: float = field(default=0.01, metadata=_help(
+        "Weight of the forget term on its steps (public code: 0.01 L_f + 0.99 L_r)."))
+
+    # SD3 flow-matching sampling of training timesteps (diffusers.training_utils).
+    weighting_scheme: str = field(default="logit_normal", metadata=_help(
+        "SD3 timestep density.", choices=("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")))
+    logit_mean: float = field(default=0.0, metadata=_help("Logit-normal mean (SD3)."))
+    logit_std: float = field(default=1.0, metadata=_help("Logit-normal std (SD3)."))
+    mode_scale: float = field(default=1.29, metadata=_help("Scale of the 'mode' density (SD3)."))
+
+    # Output and checkpoints.
+    output_dir: str = field(default="erasure-output", metadata=_help(
+        "Where the exported pipeline (and checkpoints/) go."))
+    checkpointing_steps: int = field(default=50, metadata=_help(
+        "Save a resumable checkpoint every N steps (0: never)."))
+    checkpoints_total_limit: int | None = field(default=2, metadata=_help(
+        "Keep at most this many checkpoints; null keeps all."))
+    resume: str | None = field(default=None, metadata=_help(
+        "Continue from 'latest' or a checkpoint folder."))
+    report_to: str = field(default="all", metadata=_help(
+        "accelerate tracker(s): all (every installed one), none, tensorboard, wandb, …"))
+
+    def __post_init__(self):
+        _check_types(self)
+        if not self.model:
+            raise RecipeError("model: required (a hub id, a local pipeline folder, tiny:sd1 or tiny:sd3)")
+        if not self.method:
+            raise RecipeError("method: required, one of " + ", ".join(METHODS))
+        self.method = self.method.lower()
+        for name in ("method", "scope", "lr_scheduler", "mixed_precision", "msgm_orthogonal_form",
+                     "weighting_scheme"):
+            value, choices = getattr(self, name), FIELDS[name].metadata.get("choices")
+            if value is not None and value not in choices:
+                raise RecipeError(f"{name}: {value!r} is not one of {', '.join(choices)}"
+                                  + _suggest(str(value), choices))
+        forced = METHOD_SCOPE.get(self.method)
+        if forced and self.scope not in (None, forced):
+            raise RecipeError(f"scope: {self.method} trains {forced} by definition; got {self.scope!r}")
+        if self.scope is None:
+            self.scope = forced or "full"
+        if self.retain_weight is None:
+            self.retain_weight = DEFAULT_RETAIN_WEIGHT.get(self.method, 1.5 if self.uses_forget_images
+                                                           else 1.0)
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
+                     "esd_sample_steps", "msgm_every"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "retain_weight"):
+            if getattr(self, name) <= 0:
+                raise RecipeError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.forget_loss_cap is not None and self.forget_loss_cap <= 0:
+            raise RecipeError(f"forget_loss_cap: must be > 0 or null, got {self.forget_loss_cap}")
+        if not 0 < self.salun_mask_ratio <= 1:
+            raise RecipeError(f"salun_mask_ratio: must be in (0, 1], got {self.salun_mask_ratio}")
+        if self.checkpointing_steps < 0:
+            raise RecipeError(f"checkpointing_steps: must be ≥ 0, got {self.checkpointing_steps}")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise RecipeError(f"batch_size: {self.batch_size} is not divisible by "
+                              f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+        self._check_data()
+
+    # Which data each method reads: ESD needs prompts only, Finetune only D_r.
+    @property
+    def uses_forget_images(self) -> bool:
+        return self.method not in ("finetune", "esd-u", "esd-x")
+
+    @property
+    def uses_retain(self) -> bool:
+        return self.method not in ("esd-u", "esd-x")
+
+    @property
+    def is_esd(self) -> bool:
+        return self.method in ("esd-u", "esd-x")
+
+    def _check_data(self):
+        needed = {"retain_data": self.uses_retain, "forget_data": self.uses_forget_images}
+        for key, required in needed.items():
+            value = getattr(self, key)
+            if required and not value:
+                raise RecipeError(f"{key}: required by method {self.method}")
+            if value:
+                check_data_source(key, value)
+        if self.is_esd and not (self.forget_data or self.concept):
+            raise RecipeError(f"{self.method} needs the concept prompt: set concept or forget_data")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def check_data_source(key: str, value: str) -> None:
+    """Local paths must exist now; `owner/name` that is not a local path is read as a hub id."""
+    if value.startswith(TINY_DATA):
+        if value not in ("tiny:forget", "tiny:retain"):
+            raise RecipeError(f"{key}: {value!r}; the built-in tiny sets are tiny:forget and tiny:retain")
+        return
+    path = Path(value).expanduser()
+    if path.exists():
+        return
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not value.startswith("."):
+        return  # a hub dataset id; it is resolved when the data loads
+    raise RecipeError(f"{key}: data folder {value!r} does not exist (expected a folder with "
+                      "metadata.jsonl, a parquet file or folder, or a hub dataset id owner/name)")
+
+
+def _suggest(value: str, options) -> str:
+    close = difflib.get_close_matches(value, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _base_type(tp):
+    """The non-None type of `X | None`, and whether None is allowed."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"types": types})  # annotations are strings under `from __future__`
+    args = typing.get_args(tp)
+    if args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], len(rest) < len(args)
+    return tp, False
+
+
+def _coerce(name: str, value, where: str = ""):
+    tp, optional = _base_type(FIELDS[name].type)
+    if value is None:
+        if optional:
+            return None
+        raise RecipeError(f"{where}{name}: must not be null")
+    try:
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # YAML 1.1 reads 1e-5 as a string; float() takes it
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise RecipeError(f"{where}{name}: {value!r} is not a valid {tp.__name__}"
+                      f"{' or null' if optional else ''}")
+
+
+def _check_types(config: TrainConfig) -> None:
+    for name in FIELDS:
+        setattr(config, name, _coerce(name, getattr(config, name)))
+
+
+def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a recipe YAML, following `include:`; returns raw key → value, validated keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise RecipeError(f"recipe {path}: include cycle through {[str(p) for p in _seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: expected a mapping of keys to values")
+    merged = {}
+    include = data.pop("include", None)
+    if include is not None:
+        merged.update(read_recipe(path.parent / include, _seen + (path.resolve(),)))
+    for key, value in data.items():
+        if key not in FIELDS:
+            raise RecipeError(f"recipe {path}: unknown key {key!r}" + _suggest(str(key), FIELDS)
+                              + "; `erasure train --help` lists the keys")
+        merged[key] = _coerce(key, value, where=f"recipe {path}: ")
+    return merged
+
+
+def build_parser(prog: str = "erasure train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Erase a concept from a diffusion model.")
+    parser.add_argument("--recipe", help="Recipe YAML; flags below override its values.")
+    for name, f in FIELDS.items():
+        # Values are parsed as YAML scalars, then checked like recipe values.
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f.metadata["help"])
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    recipe = args.pop("recipe", None)
+    values = read_recipe(recipe) if recipe else {}
+    for key, raw in args.items():
+        values[key] = _coerce(key, yaml.safe_load(raw) if raw != "" else "", where="flag --")
+    return TrainConfig(**values)

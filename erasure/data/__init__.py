@@ -1,0 +1,1 @@
+"""Reading forget/retain sets."""

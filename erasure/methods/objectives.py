@@ -1,0 +1,76 @@
+"""Every loss a method minimises, once, next to the equation it implements (DESIGN.md, "Methods").
+
+Each takes a backbone and a model, so it serves SD 1.x (eps / v) and SD3 (flow velocity) alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from erasure.backbones import Backbone, Conditioning
+
+
+def _per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning):
+    """l(θ; batch): the backbone's native denoising loss ‖pred − target‖², per-sample weighted."""
+    noised = backbone.add_noise(x0, noise, timesteps)
+    per_sample = _per_sample_mse(backbone.predict(model, noised.x_t, timesteps, cond), noised.target)
+    if noised.weight is not None:
+        per_sample = per_sample * noised.weight.to(per_sample.device)
+    return per_sample.mean()
+
+
+def forget_ascent(loss: torch.Tensor, cap: float | None, weight: float = 1.0) -> torch.Tensor:
+    """−λ_f · min(l_f, cap): gradient ascent on the forget set, truncated once l_f passes the cap
+    (RGD, §3; the cap keeps ascent from diverging: past it the gradient is zero)."""
+    capped = loss if cap is None else torch.clamp(loss, max=cap)
+    return -weight * capped
+
+
+def esd_loss(backbone: Backbone, model, frozen, x_t, timesteps, cond: Conditioning,
+             uncond: Conditioning, negative_guidance: float):
+    """ESD (Gandikota et al. 2023, eq. 3-4): ‖eps_θ(x_t,c) − [eps_0(x_t,∅) − η (eps_0(x_t,c) − eps_0(x_t,∅))]‖².
+
+    Written on native predictions: the conversion to eps is affine with the same offset for all
+    three, so the target is the same point in either space (SD3's loss is scaled by (1 − s)²)."""
+    with torch.no_grad():
+        e_0 = backbone.predict(frozen, x_t, timesteps, uncond)
+        e_c = backbone.predict(frozen, x_t, timesteps, cond)
+        target = e_0 - negative_guidance * (e_c - e_0)
+    return _per_sample_mse(backbone.predict(model, x_t, timesteps, cond), target).mean()
+
+
+def salun_relabel_loss(backbone: Backbone, model, anchor_model, x0, noise, timesteps,
+                       cond: Conditioning, anchor: Conditioning):
+    """SalUn's forget loss for SD (Fan et al. 2024, eq. 7): ‖eps_θ(x_t, c_f) − sg(eps_θ(x_t, c_anchor))‖²,
+    i.e. the concept prompt is relabelled to the anchor prompt on the forget images."""
+    noised = backbone.add_noise(x0, noise, timesteps)
+    with torch.no_grad():
+        target = backbone.predict(anchor_model, noised.x_t, timesteps, anchor)
+    return _per_sample_mse(backbone.predict(model, noised.x_t, timesteps, cond), target).mean()
+
+
+def msgm_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning, variant: str,
+              rho: float, orthogonal_form: str = "elementwise"):
+    """MSGM's forget losses on the noise prediction eps_hat (supplement, DDPM form).
+
+    orthogonal: ρ·‖eps ⊙ eps_hat‖² (element-wise, as the public code) or ρ·(eps·eps_hat)² (the
+                literal reading; the inner product is taken per element, i.e. divided by the
+                latent size, so ρ has the same scale in both forms);
+    obtuse:     ρ·<eps, eps_hat> per element. With ρ > 0 minimising it drives the angle between the
+                predicted and the true noise past 90°: the model forgets. The paper's printed
+                negative ρ pulls eps_hat toward eps, i.e. learns the concept (DESIGN.md)."""
+    noised = backbone.add_noise(x0, noise, timesteps)
+    eps_hat = backbone.to_eps(backbone.predict(model, noised.x_t, timesteps, cond), noised.x_t,
+                              timesteps).float()
+    product = (noise.float() * eps_hat).flatten(1)
+    if variant == "orthogonal":
+        per_sample = product.pow(2).mean(1) if orthogonal_form == "elementwise" else product.mean(1).pow(2)
+    elif variant == "obtuse":
+        per_sample = product.mean(1)
+    else:
+        raise ValueError(f"MSGM variant {variant!r}: expected orthogonal or obtuse")
+    return rho * per_sample.mean()

@@ -1,0 +1,236 @@
+"""Tiny SD 1.x and SD3 pipelines built from config, for tests and the demo.
+
+No weights can be downloaded here, so these fixtures are built in-process in seconds: the same
+diffusers and transformers classes as the real models, at a few hundred thousand parameters, with
+random weights. The CLIP tokenizer is the real one, built from the BPE vocabulary that open_clip's
+wheel ships; the T5 tokenizer is a small Unigram vocabulary made in-process (its ids only need to be
+in range for the tiny T5 encoder).
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# CLIP's byte-level BPE: 256 byte symbols, their end-of-word twins, 48,894 merges, 2 special tokens
+# = 49,408 ids (Radford et al. 2021, and open_clip's SimpleTokenizer, which reads the same file).
+CLIP_VOCAB_SIZE = 49408
+CLIP_MAX_LENGTH = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable-character map, which CLIP's BPE is defined over."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+@lru_cache(maxsize=1)
+def clip_bpe() -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary and merges, read from the file open_clip ships (no download)."""
+    import open_clip
+
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : CLIP_VOCAB_SIZE - 256 - 256 - 2 + 1]
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    tokens += ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == CLIP_VOCAB_SIZE, len(tokens)
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clip_tokenizer(max_length: int = CLIP_MAX_LENGTH):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe()
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges])
+    tok.model_max_length = max_length
+    return tok
+
+
+def t5_tokenizer(max_length: int = 32):
+    """A small Unigram vocabulary over lower-case words and characters, in the T5 format."""
+    from transformers import T5TokenizerFast
+
+    words = sorted(html.unescape(w.replace("</w>", "")) for w in list(clip_bpe()[0])[512:1512])
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = ["<pad>", "</s>", "<unk>"] + ["▁" + c for c in chars] + chars
+    pieces += ["▁" + w for w in words if w.isalpha() and "▁" + w not in pieces]
+    vocab = [(p, 0.0) for p in pieces[:3]] + [(p, -float(i + 1)) for i, p in enumerate(pieces[3:])]
+    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    tok.model_max_length = max_length
+    return tok
+
+
+def _tiny_vae(latent_channels: int = 4, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+        **extra,
+    )
+
+
+def _tiny_clip(with_projection: bool, hidden: int = 32, projection: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=projection,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="gelu",
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def build_tiny_sd1(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A tiny StableDiffusionPipeline (UNet, eps or v prediction), saved with `save_pretrained`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    # SD 1.4's noise schedule (scaled_linear, 0.00085 → 0.012, 1000 steps).
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip(with_projection=False),
+        tokenizer=clip_tokenizer(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0, t5: bool = True) -> Path:
+    """A tiny StableDiffusion3Pipeline (flow matching), with or without its T5 encoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    joint_dim = 32
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=joint_dim,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        tokenizer_3 = t5_tokenizer()
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=joint_dim,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
+    # The two CLIP encoders' hidden states are concatenated (16 + 16 = joint_dim) and their pooled
+    # projections too (16 + 16 = pooled_projection_dim), as in SD3 (768 + 1280 = 2048).
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_tiny_clip(True, hidden=16, projection=16),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_clip(True, hidden=16, projection=16),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+TINY_BUILDERS = {
+    "sd1": build_tiny_sd1,
+    "sd1-v": lambda out, seed=0: build_tiny_sd1(out, seed, prediction_type="v_prediction"),
+    "sd3": build_tiny_sd3,
+}
+
+
+def build_atomically(target: Path, builder) -> Path:
+    """Build into a temporary sibling and rename, so a crash or a second process (another DDP
+    rank) never sees a half-written folder. Returns the finished folder."""
+    import shutil
+    import tempfile
+
+    target = Path(target)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        builder(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.exists():  # lost a race to another process, which is fine; else re-raise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,424 @@
+"""The erasure training loop on accelerate.
+
+Reading order: `train()` prepares data, model and optimizer; `Erasure.step()` is one update —
+forget gradient g_f, retain gradient g_r, combined by the method's update rule (erasure.methods).
+
+Design choices that make runs reproducible:
+- `batch_size` is the global batch per step (the papers' number), split over processes and then
+  over gradient-accumulation micro-batches.
+- Every step's randomness (which rows, VAE-posterior draws, noise, timesteps) is drawn for the
+  whole global batch from a generator seeded by (seed, step), then sliced for this process. So N
+  processes see exactly the rows and noise one process would, and a resumed run draws what the
+  uninterrupted run drew, with no RNG state in the checkpoint.
+- Latents (the VAE posterior's mean/std) and prompt embeddings are computed once, before training:
+  the VAE and text encoders are frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from erasure.backbones import Backbone, load_backbone, resolve_model
+from erasure.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from erasure.config import TrainConfig
+from erasure.data.paired import PromptImageSet, decode_image, load_prompt_image_set
+from erasure.methods import METHOD_TABLE
+from erasure.methods.esd import sample_partial_trajectory
+from erasure.methods.objectives import (denoising_loss, esd_loss, forget_ascent, msgm_loss,
+                                        salun_relabel_loss)
+from erasure.methods.restricted_gradient import cosine, global_inner_products, update_coefficients
+from erasure.methods.saliency import saliency_mask
+
+# Recipe keys that may change between a checkpoint and its resumption.
+RESUMABLE_CHANGES = {"resume", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
+                     "report_to", "output_dir"}
+SEED_STRIDE = 1_000_003
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * SEED_STRIDE + step * 7919 + salt)
+
+
+@lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, salt: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=step_generator(seed, epoch, salt)).tolist())
+
+
+def batch_rows(n: int, batch: int, step: int, seed: int, salt: int) -> list[int]:
+    """Rows of a fresh permutation per epoch, read `batch` at a time (epochs may straddle steps)."""
+    rows = []
+    for position in range(step * batch, (step + 1) * batch):
+        epoch, offset = divmod(position, n)
+        rows.append(_permutation(n, seed, salt, epoch)[offset])
+    return rows
+
+
+@dataclass
+class EncodedSet:
+    """A forget or retain set after the frozen encoders: prompt ids and latent posteriors."""
+    data: PromptImageSet
+    prompt_ids: torch.Tensor  # row → index into the prompt-embedding table
+    mean: torch.Tensor | None  # VAE posterior per row (None for prompt-only sets)
+    std: torch.Tensor | None
+
+
+class PromptTable:
+    """Every distinct prompt of the run, encoded once."""
+
+    def __init__(self, backbone: Backbone, prompts: list[str], device, dtype, show: bool):
+        self.index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        chunks = []
+        ordered = list(self.index)
+        for start in tqdm(range(0, len(ordered), 32), desc="encoding prompts", disable=not show):
+            cond = backbone.encode_prompts(ordered[start:start + 32], device)
+            chunks.append({k: v.to("cpu", dtype) for k, v in cond.items()})
+        self.table = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    def ids(self, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([self.index[p] for p in prompts])
+
+    def cond(self, ids: torch.Tensor, device) -> dict:
+        return {k: v[ids].to(device) for k, v in self.table.items()}
+
+
+@torch.no_grad()
+def encode_images(backbone: Backbone, data: PromptImageSet, resolution: int, device, show: bool):
+    means, stds = [], []
+    vae = backbone.pipe.vae
+    for start in tqdm(range(0, len(data), 8), desc=f"encoding {data.name}", disable=not show):
+        pixels = torch.stack([decode_image(data.images[i], resolution, data.name, i)
+                              for i in range(start, min(start + 8, len(data)))])
+        mean, std = backbone.encode_images(pixels.to(device, vae.dtype))
+        means.append(mean.float().cpu())
+        stds.append(std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+class Erasure:
+    """One run: holds what a step needs and performs steps."""
+
+    def __init__(self, config: TrainConfig, accelerator, backbone: Backbone, model, params,
+                 optimizer, lr_scheduler, prompts: PromptTable, forget: EncodedSet | None,
+                 retain: EncodedSet | None, frozen, latent_shape):
+        self.config, self.accelerator, self.backbone = config, accelerator, backbone
+        self.model, self.params, self.optimizer, self.lr_scheduler = model, params, optimizer, lr_scheduler
+        self.prompts, self.forget, self.retain, self.frozen = prompts, forget, retain, frozen
+        self.method = METHOD_TABLE[config.method]
+        self.latent_shape = latent_shape
+        self.device = accelerator.device
+        self.per_process = config.batch_size // accelerator.num_processes
+        self.micro = self.per_process // config.gradient_accumulation_steps
+        self.g_f: list[torch.Tensor] | None = None  # the one extra gradient-sized buffer
+        self.mask: list[torch.Tensor] | None = None
+        self.sharded = accelerator.distributed_type.name in ("FSDP",)
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # ---- randomness: drawn for the global batch, sliced for this process ---------------------
+    def draw(self, data: EncodedSet, step: int, salt: int) -> list[dict]:
+        B, g = self.config.batch_size, step_generator(self.config.seed, step, salt)
+        rows = torch.tensor(batch_rows(len(data.data), B, step, self.config.seed, salt))
+        shape = (B, *self.latent_shape)
+        drawn = {"rows": rows, "latent_noise": torch.randn(shape, generator=g),
+                 "noise": torch.randn(shape, generator=g),
+                 "timesteps": self.backbone.sample_timesteps(B, g),
+                 "esd_stop": torch.randint(self.config.esd_sample_steps, (1,), generator=g).expand(B)}
+        lo = self.accelerator.process_index * self.per_process
+        return [{k: v[lo + i: lo + i + self.micro] for k, v in drawn.items()}
+                for i in range(0, self.per_process, self.micro)]
+
+    def inputs(self, data: EncodedSet, micro: dict):
+        rows = micro["rows"]
+        cond = self.prompts.cond(data.prompt_ids[rows], self.device)
+        x0 = None
+        if data.mean is not None:
+            x0 = self.backbone.latents(data.mean[rows], data.std[rows], micro["latent_noise"]).to(self.device)
+        return x0, micro["noise"].to(self.device), micro["timesteps"].to(self.device), cond
+
+    def fixed_cond(self, prompt: str, n: int) -> dict:
+        return self.prompts.cond(self.prompts.ids([prompt] * n), self.device)
+
+    # ---- the objectives (formulas in erasure.methods.objectives) --------------------------------
+    def forget_objective(self, micro: dict):
+        """(what to minimise, what to log) for one forget micro-batch."""
+        c, kind = self.config, self.method.forget
+        x0, noise, t, cond = self.inputs(self.forget, micro)
+        if kind == "ascent":
+            loss = denoising_loss(self.backbone, self.model, x0, noise, t, cond)
+            return forget_ascent(loss, c.forget_loss_cap, c.forget_weight), loss
+        if kind == "relabel":
+            anchor = self.fixed_cond(c.salun_anchor_prompt, len(noise))
+            loss = salun_relabel_loss(self.backbone, self.model, self.unwrapped, x0, noise, t, cond, anchor)
+            return loss, loss
+        if kind in ("orthogonal", "obtuse"):
+            loss = msgm_loss(self.backbone, self.model, x0, noise, t, cond, kind, c.msgm_rho,
+                             c.msgm_orthogonal_form)
+            return c.msgm_forget_weight * loss, loss
+        if kind == "esd":
+            uncond = self.fixed_cond("", len(noise))
+            x_t, t = sample_partial_trajectory(self.backbone, self.unwrapped, noise, cond, uncond,
+                                               c.esd_start_guidance, c.esd_sample_steps,
+                                               int(micro["esd_stop"][0]))
+            loss = esd_loss(self.backbone, self.model, self.frozen, x_t, t, cond, uncond,
+                            c.esd_negative_guidance)
+            return loss, loss
+        raise ValueError(f"unknown forget objective {kind!r}")
+
+    def retain_objective(self, micro: dict):
+        x0, noise, t, cond = self.inputs(self.retain, micro)
+        loss = denoising_loss(self.backbone, self.model, x0, noise, t, cond)
+        return loss, loss
+
+    def forget_active(self, step: int) -> bool:
+        if self.method.forget is None:
+            return False
+        # MSGM applies its forget term every k-th step (public code: k = 4).
+        return self.method.forget not in ("orthogonal", "obtuse") or step % self.config.msgm_every == 0
+
+    # ---- gradients ------------------------------------------------------------------------------
+    def grads(self) -> list[torch.Tensor]:
+        for p in self.params:
+            if p.grad is None:  # a weight the loss did not reach still takes part in the update
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def accumulate(self, objective, micro_batches) -> float:
+        """Backward over micro-batches; DDP all-reduces once, after the last."""
+        logged = 0.0
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with (nullcontext() if last else self.accelerator.no_sync(self.model)), self.accelerator.autocast():
+                minimise, log_value = objective(micro)
+            self.accelerator.backward(minimise / len(micro_batches))
+            logged += log_value.detach().float() / len(micro_batches)
+        return float(self.accelerator.reduce(logged.reshape(1).to(self.device), "mean"))
+
+    def step(self, step: int) -> dict:
+        log = {"forget": None, "retain": None, "cos": None}
+        has_forget, has_retain = self.forget_active(step), self.method.retain
+        if has_forget:
+            log["forget"] = self.accumulate(self.forget_objective, self.draw(self.forget, step, 1))
+            if has_retain:
+                if self.g_f is None:
+                    self.g_f = [torch.empty_like(g) for g in self.grads()]
+                torch._foreach_copy_(self.g_f, self.grads())
+                torch._foreach_zero_(self.grads())
+        if has_retain:
+            log["retain"] = self.accumulate(self.retain_objective, self.draw(self.retain, step, 2))
+        grads = self.grads()
+        if has_forget and has_retain:
+            dot, ff, rr = global_inner_products(self.g_f, grads, self.sharded)
+            a, b = update_coefficients(dot, ff, rr, self.config.retain_weight, self.method.restricted)
+            torch._foreach_mul_(grads, b)
+            torch._foreach_add_(grads, self.g_f, alpha=a)  # update = a·g_f + b·g_r, in place
+            log["cos"] = cosine(dot, ff, rr)
+        elif has_retain:
+            torch._foreach_mul_(grads, self.config.retain_weight)
+        if self.mask is not None:
+            for g, m in zip(grads, self.mask):
+                g.mul_(m)
+        if self.config.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        return log
+
+    # ---- SalUn ----------------------------------------------------------------------------------
+    def compute_saliency(self, show: bool):
+        """|Σ ∇ l_f| over the whole forget set, on every process alike (no DDP traffic)."""
+        model = self.unwrapped
+        n = len(self.forget.data)
+        g = step_generator(self.config.seed, 0, salt=3)
+        for start in tqdm(range(0, n, self.micro), desc="SalUn saliency", disable=not show):
+            rows = torch.arange(start, min(start + self.micro, n))
+            micro = {"rows": rows, "latent_noise": torch.randn(len(rows), *self.latent_shape, generator=g),
+                     "noise": torch.randn(len(rows), *self.latent_shape, generator=g),
+                     "timesteps": self.backbone.sample_timesteps(len(rows), g)}
+            x0, noise, t, cond = self.inputs(self.forget, micro)
+            with self.accelerator.autocast():
+                loss = denoising_loss(self.backbone, model, x0, noise, t, cond)
+            loss.backward()
+        self.mask = saliency_mask(self.grads(), self.config.salun_mask_ratio)
+        self.optimizer.zero_grad(set_to_none=False)
+
+
+def _trackers(report_to: str):
+    return None if report_to in ("none", "", None) else report_to
+
+
+def train(config: TrainConfig) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=_trackers(config.report_to))
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    if config.batch_size % (world * config.gradient_accumulation_steps):
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by processes × "
+                         f"gradient_accumulation_steps = {world} × {config.gradient_accumulation_steps}")
+    method = METHOD_TABLE[config.method]
+    set_seed(config.seed)
+    out = Path(config.output_dir)
+
+    # Data first: a bad data folder fails before minutes of model loading.
+    forget_data = retain_data = None
+    if config.forget_data:
+        forget_data = load_prompt_image_set("forget_data", config.forget_data, config.prompt_column,
+                                            config.image_column, need_images=method.forget != "esd")
+    if method.retain:
+        retain_data = load_prompt_image_set("retain_data", config.retain_data, config.prompt_column,
+                                            config.image_column)
+    if forget_data is None and config.is_esd:  # ESD with no set: the concept itself is the prompt
+        forget_data = PromptImageSet("forget_data", "concept", [config.concept], None, "")
+
+    with accelerator.main_process_first():
+        base_folder = resolve_model(config.model, config.revision)
+    backbone = load_backbone(base_folder, config)
+    resolution = config.resolution or backbone.native_resolution()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    device = accelerator.device
+
+    # Frozen parts on the device only while they encode; the exported copies stay float32.
+    prompts = (forget_data.prompts if forget_data else []) + (retain_data.prompts if retain_data else [])
+    prompts += ["", config.salun_anchor_prompt]
+    for module in backbone.text_encoders + [backbone.pipe.vae]:
+        module.to(device)
+    with accelerator.autocast():
+        table = PromptTable(backbone, prompts, device, weight_dtype, main)
+        encoded = {}
+        for data in (forget_data, retain_data):
+            if data is not None:
+                mean = std = None
+                if data.images is not None:
+                    mean, std = encode_images(backbone, data, resolution, device, main)
+                encoded[data.name] = EncodedSet(data, table.ids(data.prompts), mean, std)
+    for module in backbone.text_encoders + [backbone.pipe.vae]:
+        module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    frozen = backbone.frozen_copy(weight_dtype).to(device) if method.forget == "esd" else None
+    trainable = backbone.select_trainable(config.scope, config.lora_rank, config.lora_alpha)
+    names = [n for n, _ in trainable]
+    params = [p for _, p in trainable]
+    model = backbone.denoiser
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    # The schedule is stepped once per update by us, not by accelerate (which steps it per process).
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    latent_shape = (backbone.denoiser.config.in_channels, resolution // backbone.pipe.vae_scale_factor,
+                    resolution // backbone.pipe.vae_scale_factor)
+    run = Erasure(config, accelerator, backbone, model, params, optimizer, lr_scheduler, table,
+                  encoded.get("forget_data"), encoded.get("retain_data"), frozen, latent_shape)
+
+    start = 0
+    record = {"config": config.to_dict(), "family": backbone.family}
+    if config.resume:
+        start = _resume(config, run, names, out)
+    if method.saliency_mask and run.mask is None:
+        run.compute_saliency(main)
+
+    if accelerator.trackers:
+        accelerator.init_trackers("erasure", config={k: v for k, v in config.to_dict().items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps,
+               desc=f"{config.method} [{backbone.family}, {config.scope}]", disable=not main)
+    log = {}
+    for step in bar:
+        log = run.step(step)
+        shown = {k: f"{v:.4f}" for k, v in log.items() if v is not None}
+        bar.set_postfix(shown, refresh=False)
+        accelerator.log({f"loss/{k}" if k != "cos" else "grad_cosine": v
+                         for k, v in log.items() if v is not None}, step=step + 1)
+        done = step + 1
+        if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_steps:
+            accelerator.wait_for_everyone()
+            if main:
+                _save(run, names, out, done, record)
+    bar.close()
+    accelerator.wait_for_everyone()
+
+    if main:
+        _export(run, config, backbone, base_folder, out, encoded, log)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _save(run: Erasure, names, out: Path, step: int, record: dict):
+    weights = {n: p for n, p in zip(names, run.params)}
+    extra = {f"mask.{n}": m for n, m in zip(names, run.mask)} if run.mask is not None else {}
+    save_checkpoint(out / "checkpoints", step, weights, run.optimizer, run.lr_scheduler,
+                    run.accelerator.scaler, extra, record, run.config.checkpoints_total_limit)
+
+
+def _resume(config: TrainConfig, run: Erasure, names, out: Path) -> int:
+    if config.resume == "latest":
+        found = checkpoints(out / "checkpoints")
+        if not found:
+            print(f"resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+            return 0
+        folder = found[-1]
+    else:
+        folder = Path(config.resume)
+    state, weights, extra = load_checkpoint(folder, run.optimizer, run.lr_scheduler, run.accelerator.scaler)
+    saved, now = state["config"], config.to_dict()
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        raise ValueError(f"resume: {folder} was trained with a different recipe; changed keys: "
+                         + ", ".join(f"{k} ({saved.get(k)!r} → {now[k]!r})" for k in changed))
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ValueError(f"resume: {folder} lacks trainable weights such as {missing[:3]}")
+    with torch.no_grad():
+        for name, param in zip(names, run.params):
+            param.copy_(weights[name])
+    if any(k.startswith("mask.") for k in extra):
+        run.mask = [extra[f"mask.{n}"].to(run.device) for n in names]
+    return int(state["step"])
+
+
+def _export(run: Erasure, config: TrainConfig, backbone: Backbone, base_folder: Path, out: Path,
+            encoded: dict, log: dict):
+    from erasure.export import export_pipeline
+
+    model = run.unwrapped
+    lora = None
+    if config.scope == "lora":
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        model.fuse_lora()  # the pipeline folder holds the erased model itself,
+        model.unload_lora()  # the adapter file holds the difference
+    model.to("cpu")
+    card = {"base_model": config.model, "family": backbone.family,
+            "method": config.method, "concept": config.concept, "steps": config.max_steps,
+            "final_losses": {"forget": log.get("forget"), "retain": log.get("retain"),
+                             "grad_cosine": log.get("cos")},
+            "data": {name: e.data.describe() for name, e in encoded.items()},
+            "config": config.to_dict()}
+    export_pipeline(backbone.pipe, out, base_folder, card, lora, backbone.save_lora)
+    print(f"exported the erased pipeline to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from erasure.config import parse_config
+
+    train(parse_config(argv))
