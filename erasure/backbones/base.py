@@ -47,6 +47,10 @@ class Backbone:
     def text_encoders(self) -> list[torch.nn.Module]:
         raise NotImplementedError
 
+    def inert(self, name: str) -> bool:
+        """Weights that cannot affect the prediction (their gradient is always zero)."""
+        return False
+
     def native_resolution(self) -> int:
         return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
 
@@ -64,6 +68,8 @@ class Backbone:
             return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         chosen = []
         for name, param in model.named_parameters():
+            if self.inert(name):
+                continue
             xattn = re.search(self.cross_attention, name) is not None
             if (scope == "full" or (scope == "xattn" and xattn)
                     or (scope == "noxattn" and not xattn and not re.search(self.noxattn_excluded, name))):

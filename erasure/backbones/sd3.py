@@ -67,6 +67,13 @@ class StableDiffusion3Backbone(Backbone):
         weight = compute_loss_weighting_for_sd3(self.weighting["weighting_scheme"], s.flatten())
         return Noised(x_t, timesteps, noise - x0, weight.float())
 
+    def inert(self, name):
+        # A context_pre_only block (the last one) discards the context stream's attention output,
+        # so its context query projection never reaches the prediction.
+        last = self.denoiser.config.num_layers - 1
+        return name.startswith(f"transformer_blocks.{last}.attn.add_q_proj.") or \
+            name.startswith(f"transformer_blocks.{last}.attn.norm_added_q.")
+
     def predict(self, model, x_t, timesteps, cond):
         return model(hidden_states=x_t, timestep=timesteps, return_dict=False, **cond)[0]
 

@@ -1,0 +1,73 @@
+"""Tiny real pipelines, built once per session; nothing here reaches the network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub library is imported
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def erasure_cache(tmp_path_factory):
+    """tiny:* models and data are built into a per-session cache, as on a fresh machine."""
+    path = tmp_path_factory.mktemp("erasure-cache")
+    os.environ["ERASURE_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    from erasure.tiny import build_tiny_sd1
+
+    return build_tiny_sd1(tmp_path_factory.mktemp("tiny") / "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    from erasure.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_sd1, tiny_sd3):
+    return {"sd1": tiny_sd1, "sd3": tiny_sd3}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run starts with accelerate's process state as a new program would."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    torch.set_grad_enabled(True)
+
+
+def run_recipe(recipe: str, **overrides):
+    """erasure train --recipe recipes/<recipe> --key value …, in process; returns the output dir."""
+    from erasure.config import parse_config
+    from erasure.trainer import train
+
+    argv = ["--recipe", str(RECIPES / recipe)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", str(value)]
+    return train(parse_config(argv))
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors

@@ -1,0 +1,63 @@
+"""Every method on every backbone: a few real steps on CPU; trainable weights move, frozen ones don't."""
+
+import re
+
+import pytest
+import torch
+
+from conftest import read_weights, run_recipe
+from erasure.backbones import load_backbone
+from erasure.config import METHODS, TrainConfig
+
+DENOISER = {"sd1": "unet", "sd3": "transformer"}
+
+
+def expected_trainable(model_dir, method: str) -> set[str]:
+    config = TrainConfig(model=str(model_dir), method=method, concept="nudity",
+                         forget_data="tiny:forget", retain_data="tiny:retain")
+    backbone = load_backbone(model_dir, config)
+    return {name for name, _ in backbone.select_trainable(config.scope)}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_its_scope_and_nothing_else(method, family, tiny_models, tmp_path):
+    base = tiny_models[family]
+    out = run_recipe(f"tiny/{method}.yaml", model=base, output_dir=tmp_path / "out", max_steps=2,
+                     checkpointing_steps=0)
+    trainable = expected_trainable(base, method)
+    denoiser = DENOISER[family]
+    before, after = read_weights(base / denoiser), read_weights(out / denoiser)
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed <= trainable, f"frozen weights moved: {sorted(changed - trainable)[:5]}"
+    # SalUn updates only its salient half, so some tensors may stay put; every other method moves
+    # every trainable tensor.
+    share = len(changed) / len(trainable)
+    assert share >= (0.5 if method == "salun" else 1.0), sorted(trainable - changed)[:5]
+    for component in ("vae", "text_encoder"):
+        assert all(torch.equal(a, b) for a, b in zip(read_weights(base / component).values(),
+                                                     read_weights(out / component).values()))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+def test_scopes_partition_the_denoiser(family, tiny_models):
+    config = TrainConfig(model="x", method="finetune", retain_data="tiny:retain")
+    names = {}
+    for scope in ("full", "xattn", "noxattn"):
+        backbone = load_backbone(tiny_models[family], config)
+        names[scope] = {n for n, _ in backbone.select_trainable(scope)}
+    assert names["xattn"] and names["noxattn"]
+    assert names["xattn"] | names["noxattn"] < names["full"]  # noxattn leaves time embedding / output
+    assert not names["xattn"] & names["noxattn"]
+    pattern = r"attn2\." if family == "sd1" else r"attn\.(add_|to_add_out)"
+    assert all(re.search(pattern, n) for n in names["xattn"])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+def test_lora_scope_trains_only_adapters(family, tiny_models):
+    backbone = load_backbone(tiny_models[family], None)
+    trainable = backbone.select_trainable("lora", lora_rank=2)
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    frozen = [p for n, p in backbone.denoiser.named_parameters() if "lora_" not in n]
+    assert not any(p.requires_grad for p in frozen)
