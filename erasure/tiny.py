@@ -61,7 +61,7 @@ def clip_tokenizer(max_length: int = CLIP_MAX_LENGTH):
     return tok
 
 
-def t5_tokenizer(max_length: int = 32):
+def t5_tokenizer(max_length: int = 256):
     """A small Unigram vocabulary over lower-case words and characters, in the T5 format."""
     from transformers import T5TokenizerFast
 

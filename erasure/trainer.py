@@ -268,6 +268,9 @@ def train(config: TrainConfig) -> Path:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by processes × "
                          f"gradient_accumulation_steps = {world} × {config.gradient_accumulation_steps}")
     method = METHOD_TABLE[config.method]
+    if main:
+        print(f"erasure: {config.method} on {accelerator.device}, {world} process{'es' if world > 1 else ''}, "
+              f"{config.batch_size} pairs per step", flush=True)
     set_seed(config.seed)
     out = Path(config.output_dir)
 
@@ -401,10 +404,9 @@ def _export(run: Erasure, config: TrainConfig, backbone: Backbone, base_folder: 
     model = run.unwrapped
     lora = None
     if config.scope == "lora":
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        lora = get_peft_model_state_dict(model)  # peft key format, which load_lora_weights reads
         model.fuse_lora()  # the pipeline folder holds the erased model itself,
         model.unload_lora()  # the adapter file holds the difference
     model.to("cpu")

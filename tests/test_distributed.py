@@ -1,0 +1,52 @@
+"""Two CPU processes under DDP make the same update as one process with the same global batch.
+
+The two processes are started by torchrun with ACCELERATE_USE_CPU=true, accelerate's multi-CPU path
+without MPI: in accelerate 1.15 `accelerate launch --cpu --num_processes 2` starts a single process
+unless an MPI host file is configured, which would make this test compare a run with itself.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from diffusers import DiffusionPipeline
+
+from conftest import REPO, RECIPES, read_weights, run_recipe
+
+
+def test_two_process_ddp_equals_one_process(tiny_sd1, tmp_path):
+    # With ε ≫ √v Adam's step is lr·m/ε, linear in the gradient, so the comparison measures the
+    # gradients themselves; with ε = 1e-8 it would amplify round-off in near-zero elements.
+    linear = dict(max_steps=3, checkpointing_steps=0, adam_epsilon=1.0, learning_rate=1.0)
+    args = ["--recipe", str(RECIPES / "tiny/rgd.yaml"), "--model", str(tiny_sd1)]
+    for key, value in linear.items():
+        args += [f"--{key}", str(value)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+         "127.0.0.1", "--master_port", str(port), str(REPO / "erasure" / "train.py"), *args,
+         "--output_dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "2 processes" in launched.stdout + launched.stderr
+    single = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "single", **linear)
+    base, ddp, one = (read_weights(p / "unet") for p in (tiny_sd1, tmp_path / "ddp", single))
+    moved = max((one[k] - base[k]).abs().max().item() for k in base)
+    assert moved > 1e-4
+    # Equal up to float reassociation: each process averages half the batch, DDP averages the two.
+    gap = max((ddp[k] - one[k]).abs().max().item() for k in base)
+    assert gap < 1e-4 * moved, (gap, moved)
+    assert DiffusionPipeline.from_pretrained(tmp_path / "ddp") is not None
+
+
+def test_gradient_accumulation_equals_the_full_batch(tiny_sd1, tmp_path):
+    common = dict(model=tiny_sd1, max_steps=3, checkpointing_steps=0, adam_epsilon=1.0, learning_rate=1.0)
+    full = run_recipe("tiny/rg.yaml", output_dir=tmp_path / "full", **common)
+    accumulated = run_recipe("tiny/rg.yaml", output_dir=tmp_path / "acc", gradient_accumulation_steps=2, **common)
+    base, a, b = (read_weights(p / "unet") for p in (tiny_sd1, full, accumulated))
+    moved = max((a[k] - base[k]).abs().max().item() for k in base)
+    assert max((a[k] - b[k]).abs().max().item() for k in base) < 1e-4 * moved

@@ -1,0 +1,86 @@
+"""Export → DiffusionPipeline.from_pretrained → generate, for both families and for LoRA."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from conftest import read_weights, run_recipe
+from erasure.export import MODEL_INDEX, export_pipeline
+
+
+def generate(pipe, prompt="a photo of a person on a beach"):
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+def test_export_loads_with_no_extra_arguments_and_generates(family, tiny_models, tmp_path):
+    out = run_recipe("tiny/rgd.yaml", model=tiny_models[family], output_dir=tmp_path / "out", max_steps=2)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    images = generate(pipe)
+    assert images.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(images)).all()
+    card = json.loads((out / "erasure.json").read_text())
+    assert card["method"] == "rgd" and card["steps"] == 2 and card["family"] == family
+    assert card["data"]["forget_data"]["rows"] == 16 and len(card["data"]["forget_data"]["sha256"]) == 64
+    assert card["final_losses"]["forget"] is not None and card["config"]["learning_rate"] == 1e-4
+    assert "rgd" in (out / "README.md").read_text().lower()
+    assert not list(out.glob("**/*.bin")) and not (out / ".export-tmp").exists()
+
+
+def test_sd3_trained_without_t5_exports_a_complete_pipeline(tiny_sd3, tmp_path):
+    out = run_recipe("tiny/rgd.yaml", model=tiny_sd3, output_dir=tmp_path / "out", max_steps=2, use_t5=False)
+    pipe = DiffusionPipeline.from_pretrained(out)  # no text_encoder_3=None needed
+    assert pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
+    assert all(torch.equal(a, b) for a, b in zip(read_weights(tiny_sd3 / "text_encoder_3").values(),
+                                                 read_weights(out / "text_encoder_3").values()))
+    assert generate(pipe).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
+    base = tiny_models[family]
+    out = run_recipe("tiny/rgd.yaml", model=base, output_dir=tmp_path / "out", max_steps=2, scope="lora",
+                     learning_rate=1e-2)
+    erased = DiffusionPipeline.from_pretrained(out)  # LoRA fused into the exported weights
+    with_adapter = DiffusionPipeline.from_pretrained(base)
+    with_adapter.load_lora_weights(out)
+    plain = DiffusionPipeline.from_pretrained(base)
+    a, b, c = generate(erased), generate(with_adapter), generate(plain)
+    assert abs(a - b).max() < 1e-4  # base + adapter == the fused export
+    assert abs(a - c).max() > 1e-4  # and the adapter did change the model
+
+
+def test_a_crash_during_export_never_leaves_a_complete_looking_folder(tiny_sd1, tmp_path):
+    out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "out", max_steps=1)
+    assert (out / MODEL_INDEX).exists()
+    pipe = DiffusionPipeline.from_pretrained(out)
+
+    def crash(directory, state_dict):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_pipeline(pipe, out, tiny_sd1, {"config": {}}, lora_state_dict={}, save_lora=crash)
+    assert (out / MODEL_INDEX).exists()  # the crash came before the commit: the old export stands
+    assert DiffusionPipeline.from_pretrained(out) is not None
+
+    real_rename = type(out).rename
+
+    def rename_then_die(self, target):
+        if self.name == "unet":  # mid-commit: some components moved, model_index not yet
+            raise OSError("killed")
+        return real_rename(self, target)
+
+    type(out).rename = rename_then_die
+    try:
+        with pytest.raises(OSError, match="killed"):
+            export_pipeline(pipe, out, tiny_sd1, {"config": {"scope": "full", "method": "rgd", "concept": "",
+                                                             "batch_size": 1, "learning_rate": 1},
+                                                  "base_model": "b", "family": "sd1", "steps": 1,
+                                                  "final_losses": {}, "data": {}})
+    finally:
+        type(out).rename = real_rename
+    assert not (out / MODEL_INDEX).exists()
+    with pytest.raises(Exception):
+        DiffusionPipeline.from_pretrained(out)
