@@ -261,6 +261,10 @@ def _coerce(name: str, value, where: str = ""):
         if optional:
             return None
         raise RecipeError(f"{where}{name}: must not be null")
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads an unquoted no/yes/off/on as a boolean
+        if value is False and "no" in (FIELDS[name].metadata.get("choices") or ()):
+            return "no"
+        raise RecipeError(f"{where}{name}: got the YAML boolean {value}; quote the text")
     try:
         if tp is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
@@ -321,8 +325,9 @@ def build_parser(prog: str = "erasure train") -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="Recipe YAML; flags below override its values.")
     for name, f in FIELDS.items():
         # Values are parsed as YAML scalars, then checked like recipe values.
+        extra = {"nargs": "?", "const": "latest"} if name == "resume" else {}  # bare --resume
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f.metadata["help"])
+                            help=f.metadata["help"], **extra)
     return parser
 
 
@@ -331,5 +336,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     recipe = args.pop("recipe", None)
     values = read_recipe(recipe) if recipe else {}
     for key, raw in args.items():
-        values[key] = _coerce(key, yaml.safe_load(raw) if raw != "" else "", where="flag --")
+        text_field = _base_type(FIELDS[key].type)[0] is str
+        value = (None if raw == "null" else raw) if text_field else yaml.safe_load(raw)
+        values[key] = _coerce(key, value, where="flag --")
     return TrainConfig(**values)

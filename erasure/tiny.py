@@ -38,10 +38,16 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @lru_cache(maxsize=1)
 def clip_bpe() -> tuple[dict[str, int], list[str]]:
-    """CLIP's vocabulary and merges, read from the file open_clip ships (no download)."""
-    import open_clip
+    """CLIP's vocabulary and merges, read from the file open_clip ships (no download).
 
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    The file is located without importing open_clip, whose import pulls in torchvision and timm."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("open_clip_torch is not installed; its wheel ships CLIP's BPE "
+                                  "vocabulary, which the tiny fixtures' tokenizer is built from")
+    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1 : CLIP_VOCAB_SIZE - 256 - 256 - 2 + 1]
     symbols = list(_bytes_to_unicode().values())

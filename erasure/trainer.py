@@ -16,7 +16,7 @@ Design choices that make runs reproducible:
 
 from __future__ import annotations
 
-import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -343,8 +343,13 @@ def train(config: TrainConfig) -> Path:
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps,
                desc=f"{config.method} [{backbone.family}, {config.scope}]", disable=not main)
     log = {}
+    step_seconds = []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     for step in bar:
-        log = run.step(step)
+        began = time.perf_counter()
+        log = run.step(step)  # ends in .item() of the losses, so the device has finished the step
+        step_seconds.append(time.perf_counter() - began)
         shown = {k: f"{v:.4f}" for k, v in log.items() if v is not None}
         bar.set_postfix(shown, refresh=False)
         accelerator.log({f"loss/{k}" if k != "cos" else "grad_cosine": v
@@ -357,8 +362,12 @@ def train(config: TrainConfig) -> Path:
     bar.close()
     accelerator.wait_for_everyone()
 
+    timed = step_seconds[1:] or step_seconds  # the first step pays for allocation and autotuning
+    stats = {"processes": world, "device": str(device),
+             "mean_step_seconds": sum(timed) / len(timed) if timed else None,
+             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
     if main:
-        _export(run, config, backbone, base_folder, out, encoded, log)
+        _export(run, config, backbone, base_folder, out, encoded, log, stats)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -398,7 +407,7 @@ def _resume(config: TrainConfig, run: Erasure, names, out: Path) -> int:
 
 
 def _export(run: Erasure, config: TrainConfig, backbone: Backbone, base_folder: Path, out: Path,
-            encoded: dict, log: dict):
+            encoded: dict, log: dict, stats: dict):
     from erasure.export import export_pipeline
 
     model = run.unwrapped
@@ -415,7 +424,7 @@ def _export(run: Erasure, config: TrainConfig, backbone: Backbone, base_folder: 
             "final_losses": {"forget": log.get("forget"), "retain": log.get("retain"),
                              "grad_cosine": log.get("cos")},
             "data": {name: e.data.describe() for name, e in encoded.items()},
-            "config": config.to_dict()}
+            "run": stats, "config": config.to_dict()}
     export_pipeline(backbone.pipe, out, base_folder, card, lora, backbone.save_lora)
     print(f"exported the erased pipeline to {out}")
 

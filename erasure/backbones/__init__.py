@@ -54,6 +54,10 @@ def has_t5(folder: Path) -> bool:
     return bool(entry and entry[0])
 
 
+def is_sd3(folder: Path) -> bool:
+    return json.loads((folder / "model_index.json").read_text()).get("_class_name") == "StableDiffusion3Pipeline"
+
+
 def wrap_pipeline(pipe, config=None) -> Backbone:
     name = type(pipe).__name__
     if name not in FAMILIES:
@@ -72,8 +76,10 @@ def load_backbone(folder: Path, config=None) -> Backbone:
     from diffusers import DiffusionPipeline
 
     extra = {}
-    if config is not None and not config.use_t5 and has_t5(folder):
+    if is_sd3(folder) and (not has_t5(folder) or (config is not None and not config.use_t5)):
         # Training without T5 saves its memory (≈ 19 GB in fp32 for SD3); export copies it back.
+        # A base saved without T5 needs the same arguments to load at all (diffusers does not list
+        # text_encoder_3 among SD3's optional components).
         extra = {"text_encoder_3": None, "tokenizer_3": None}
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
                                              **extra)

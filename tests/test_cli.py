@@ -1,0 +1,51 @@
+"""The commands users type: accelerate launch erasure/train.py, erasure tiny, erasure demo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from diffusers import DiffusionPipeline
+
+from conftest import REPO, RECIPES
+
+
+def test_accelerate_launch_train_py_with_a_tiny_recipe_on_a_fresh_cache(tmp_path):
+    env = {**os.environ, "ERASURE_CACHE": str(tmp_path / "cache")}  # nothing built yet
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "erasure" / "train.py"),
+         "--recipe", str(RECIPES / "tiny/rgd.yaml"), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rgd [sd1, full]" in done.stderr  # the progress bar, with its live losses
+    assert "forget=" in done.stderr and "cos=" in done.stderr
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+
+
+@pytest.mark.parametrize("family,cls", [("sd1", "StableDiffusionPipeline"), ("sd3", "StableDiffusion3Pipeline")])
+def test_erasure_tiny_writes_a_loadable_pipeline(family, cls, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "erasure.cli", "tiny", family, str(tmp_path / family)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = json.loads((tmp_path / family / "model_index.json").read_text())
+    assert index["_class_name"] == cls
+    assert not list((tmp_path / family).glob("**/*.bin"))
+
+
+def test_demo_erases_exports_reloads_and_generates(tmp_path, capsys):
+    from erasure.cli import main
+
+    main(["demo", "--out", str(tmp_path / "demo")])
+    printed = capsys.readouterr().out
+    assert "where everything went" in printed and str(tmp_path / "demo") in printed
+    assert (tmp_path / "demo" / "sample.png").stat().st_size > 0
+    assert json.loads((tmp_path / "demo" / "erasure.json").read_text())["method"] == "rgd"
+
+
+def test_train_help_lists_every_recipe_key():
+    done = subprocess.run([sys.executable, "-m", "erasure.cli", "train", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--forget_loss_cap" in done.stdout and "--retain_weight" in done.stdout
