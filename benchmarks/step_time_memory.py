@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -78,7 +79,9 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--mixed_precision", default="bf16")
-    parser.add_argument("--extra", nargs="*", default=[], help="more --key value pairs for every run")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more recipe values for every run, e.g. gradient_checkpointing=true")
+    parser.add_argument("--keep_exports", action="store_true", help="keep each run's exported pipeline")
     args = parser.parse_args()
 
     from erasure.config import parse_config
@@ -95,13 +98,15 @@ def main():
                 "--retain_data", "tiny:retain", "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
                 "--mixed_precision", args.mixed_precision, "--checkpointing_steps", "0", "--report_to", "none",
                 "--output_dir", str(args.out / f"run-{args.family}-{method}"), "--esd_sample_steps", "10",
-                *args.extra]
+                *[part for pair in args.extra for part in ("--" + pair.split("=", 1)[0], pair.split("=", 1)[1])]]
         if args.resolution:
             argv += ["--resolution", str(args.resolution)]
         out = train(parse_config(argv))
         card = json.loads((out / "erasure.json").read_text())
         rows.append((method, card["config"]["scope"], card["run"]["mean_step_seconds"], card["run"]["peak_gpu_memory_gib"]))
         print(f"{method}: {rows[-1]}", flush=True)
+        if not args.keep_exports:  # an SD3-medium export is 11 GB
+            shutil.rmtree(out)
         from accelerate.state import AcceleratorState, GradientState, PartialState
 
         AcceleratorState._reset_state(True)

@@ -1,0 +1,28 @@
+"""Every shipped recipe reads, and validates once its data folders exist."""
+
+import pytest
+
+from conftest import RECIPES
+from erasure.config import METHODS, TrainConfig, read_recipe
+
+ALL = sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", ALL)
+def test_recipe_is_valid(recipe):
+    values = read_recipe(RECIPES / recipe)
+    for key in ("forget_data", "retain_data"):  # real data is built by the user; stand in the tiny sets
+        if values.get(key):
+            values[key] = "tiny:" + key.split("_")[0]
+    config = TrainConfig(**values)
+    assert config.method in METHODS
+
+
+def test_a_tiny_recipe_per_method_and_the_paper_recipes_ship():
+    assert {f"tiny/{m}.yaml" for m in METHODS} <= set(ALL)
+    assert {"sd14/nudity-rgd.yaml", "sd14/van-gogh-rgd.yaml", "sd3/nudity-rgd.yaml"} <= set(ALL)
+    assert {f"sd14/nudity-{m}.yaml" for m in METHODS} <= set(ALL)
+    paper = TrainConfig(**{**read_recipe(RECIPES / "sd14/nudity-rgd.yaml"), "forget_data": "tiny:forget",
+                           "retain_data": "tiny:retain"})
+    assert (paper.learning_rate, paper.batch_size, paper.max_steps, paper.retain_weight,
+            paper.forget_loss_cap, paper.scope) == (1e-5, 8, 100, 1.5, 1.1, "full")
