@@ -6,7 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "rgd.yaml"
+# The embedded default the demo runs: RGD on the tiny SD 1.x fixture and the built-in tiny pairs
+# (recipes/tiny/rgd.yaml says the same for `erasure train`; the demo must not need the repo).
+DEMO = {"method": "rgd", "concept": "nudity", "forget_data": "tiny:forget", "retain_data": "tiny:retain",
+        "max_steps": 8, "batch_size": 4, "learning_rate": 1e-4, "forget_loss_cap": 5.0,
+        "checkpointing_steps": 0, "report_to": "none"}
 
 
 def _tiny(args) -> None:
@@ -23,13 +27,13 @@ def _demo(args) -> None:
     from diffusers import DiffusionPipeline
 
     from erasure.backbones import resolve_model
-    from erasure.config import parse_config
+    from erasure.config import TrainConfig
     from erasure.trainer import train
 
     out = Path(args.out).resolve()
     base = resolve_model("tiny:sd1")
     print(f"base model: tiny SD 1.x pipeline at {base}")
-    config = parse_config(["--recipe", str(DEMO_RECIPE), "--output_dir", str(out), "--model", str(base)])
+    config = TrainConfig(model=str(base), output_dir=str(out), **DEMO)
     train(config)
     pipe = DiffusionPipeline.from_pretrained(out)
     image = pipe(config.concept or "a photo of a nude person", num_inference_steps=10, height=32,

@@ -149,6 +149,9 @@ class TrainConfig:
         "Save a resumable checkpoint every N steps (0: never)."))
     checkpoints_total_limit: int | None = field(default=2, metadata=_help(
         "Keep at most this many checkpoints; null keeps all."))
+    keep_checkpoints: bool = field(default=False, metadata=_help(
+        "Keep output_dir/checkpoints after a successful export (default: remove them, so the "
+        "folder holds only what ships)."))
     resume: str | None = field(default=None, metadata=_help(
         "Continue from 'latest' or a checkpoint folder."))
     report_to: str = field(default="all", metadata=_help(

@@ -16,6 +16,7 @@ Design choices that make runs reproducible:
 
 from __future__ import annotations
 
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from erasure.methods.saliency import saliency_mask
 
 # Recipe keys that may change between a checkpoint and its resumption.
 RESUMABLE_CHANGES = {"resume", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
-                     "report_to", "output_dir"}
+                     "keep_checkpoints", "report_to", "output_dir"}
 SEED_STRIDE = 1_000_003
 
 
@@ -253,7 +254,11 @@ class Erasure:
 
 
 def _trackers(report_to: str):
-    return None if report_to in ("none", "", None) else report_to
+    from accelerate.tracking import get_available_trackers
+
+    if report_to in ("none", "", None) or (report_to == "all" and not get_available_trackers()):
+        return None
+    return report_to
 
 
 def train(config: TrainConfig) -> Path:
@@ -261,7 +266,12 @@ def train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=_trackers(config.report_to))
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, log_with=_trackers(config.report_to),
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=str(Path(config.output_dir) / "logs")))
     main = accelerator.is_main_process
     world = accelerator.num_processes
     if config.batch_size % (world * config.gradient_accumulation_steps):
@@ -276,7 +286,7 @@ def train(config: TrainConfig) -> Path:
 
     # Data first: a bad data folder fails before minutes of model loading.
     forget_data = retain_data = None
-    if config.forget_data:
+    if config.forget_data and method.forget is not None:
         forget_data = load_prompt_image_set("forget_data", config.forget_data, config.prompt_column,
                                             config.image_column, need_images=method.forget != "esd")
     if method.retain:
@@ -337,7 +347,7 @@ def train(config: TrainConfig) -> Path:
     if method.saliency_mask and run.mask is None:
         run.compute_saliency(main)
 
-    if accelerator.trackers:
+    if accelerator.log_with:
         accelerator.init_trackers("erasure", config={k: v for k, v in config.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps,
@@ -426,6 +436,8 @@ def _export(run: Erasure, config: TrainConfig, backbone: Backbone, base_folder: 
             "data": {name: e.data.describe() for name, e in encoded.items()},
             "run": stats, "config": config.to_dict()}
     export_pipeline(backbone.pipe, out, base_folder, card, lora, backbone.save_lora)
+    if not config.keep_checkpoints:  # the folder is what users ship; checkpoints only serve a resume
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     print(f"exported the erased pipeline to {out}")
 
 

@@ -49,3 +49,17 @@ def test_train_help_lists_every_recipe_key():
     done = subprocess.run([sys.executable, "-m", "erasure.cli", "train", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--forget_loss_cap" in done.stdout and "--retain_weight" in done.stdout
+
+
+def test_losses_and_gradient_cosine_reach_the_installed_tracker(tiny_sd1, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import run_recipe
+
+    out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "out", max_steps=3,
+                     report_to="tensorboard")
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss/forget", "loss/retain", "grad_cosine"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss/retain")] == [1, 2, 3]
+    assert not (out / "checkpoints").exists()  # removed once the export completed

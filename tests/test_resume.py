@@ -41,7 +41,9 @@ def test_kill_and_resume_equals_uninterrupted(method, tiny_sd1, tmp_path):
 
 
 def test_resume_refuses_a_changed_recipe(tiny_sd1, tmp_path):
-    run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "o", max_steps=4, checkpointing_steps=2)
+    run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "o", max_steps=4, checkpointing_steps=2,
+               keep_checkpoints=True)
+    assert (tmp_path / "o" / "checkpoints" / "checkpoint-2").is_dir()
     with pytest.raises(ValueError, match=r"learning_rate"):
         run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "o", max_steps=4,
                    checkpointing_steps=2, resume="latest", learning_rate=0.5)
