@@ -125,3 +125,8 @@ def test_yaml_no_means_no_and_bare_resume_means_latest(tmp_path):
     with pytest.raises(RecipeError, match=r"concept: got the YAML boolean True; quote the text"):
         parse_config(["--recipe", str(write_recipe(tmp_path, "include: " + str(RECIPES / "tiny/rgd.yaml")
                                                     + "\nconcept: yes\n"))])
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(tiny_sd1, tmp_path):
+    with pytest.raises(DataError, match=r"forget_data: 'someone/no-such-set' is not a local folder and could not be loaded"):
+        run_recipe("tiny/rgd.yaml", model=tiny_sd1, forget_data="someone/no-such-set", output_dir=tmp_path / "o")

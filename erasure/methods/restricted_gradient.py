@@ -36,16 +36,16 @@ def update_coefficients(dot: float, ff: float, rr: float, retain_weight: float, 
 
 
 def global_inner_products(g_f: list[torch.Tensor], g_r: list[torch.Tensor], sharded: bool = False):
-    """<g_f, g_r>, ‖g_f‖², ‖g_r‖² as sums over parameter tensors (float64 accumulation).
+    """<g_f, g_r>, ‖g_f‖², ‖g_r‖² as sums over parameter tensors (per-tensor partials summed in
+    float64; one fused kernel for the norms, one dot per tensor, no flattened copy of the model).
 
     Under sharded training (FSDP) each process holds a slice of every gradient, so the per-shard
     partial sums are all-reduced; under DDP gradients are already identical on every process."""
-    sums = torch.zeros(3, dtype=torch.float64, device=g_f[0].device if g_f else "cpu")
-    for f, r in zip(g_f, g_r):
-        f, r = f.reshape(-1), r.reshape(-1)  # views of contiguous gradients: no copy
-        sums[0] += torch.dot(f, r).double()
-        sums[1] += torch.dot(f, f).double()
-        sums[2] += torch.dot(r, r).double()
+    if not g_f:
+        return 0.0, 0.0, 0.0
+    dots = torch.stack([torch.dot(f.reshape(-1), r.reshape(-1)) for f, r in zip(g_f, g_r)])
+    norms_f, norms_r = torch.stack(torch._foreach_norm(g_f)), torch.stack(torch._foreach_norm(g_r))
+    sums = torch.stack([dots.double().sum(), norms_f.double().pow(2).sum(), norms_r.double().pow(2).sum()])
     if sharded and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     dot, ff, rr = sums.tolist()
