@@ -263,10 +263,8 @@ def _trackers(report_to: str):
 
 def train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
-
-    from accelerate.utils import ProjectConfiguration
 
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, log_with=_trackers(config.report_to),
