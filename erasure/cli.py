@@ -47,6 +47,37 @@ def _demo(args) -> None:
     print(f"  tiny base model  {base}")
 
 
+def _prompts_build(args) -> None:
+    from erasure.prompts.build import build_prompt_sets, stats_table
+    from erasure.prompts.spec import load_spec
+
+    spec = load_spec(args.spec, seed=args.seed)
+    out = Path(args.out)
+    if args.llm:
+        from erasure.prompts.llm import expand_spec, make_client
+
+        client = make_client(args.llm, base_url=args.base_url, model=args.llm_model,
+                             api_key_env=args.api_key_env, timeout=args.timeout)
+        out.mkdir(parents=True, exist_ok=True)
+        # Accepted proposals are kept in llm_expansion.json as they arrive: a failed or interrupted
+        # run keeps them, and a rerun asks only for what is missing.
+        spec = expand_spec(spec, client, per_dimension=args.per_dimension, paraphrases=args.paraphrases,
+                           max_retries=args.max_retries, state_file=out / "llm_expansion.json", seed=args.seed)
+    stats = build_prompt_sets(spec, out, seed=args.seed, n_train=args.train, n_test=args.test,
+                              uniform=args.uniform)
+    print(f"{stats['mode']} prompt pairs for {spec.concept!r} → {out}/train.jsonl, test.jsonl, stats.json")
+    print(stats_table(stats))
+
+
+def _data_generate(args) -> None:
+    from erasure.data.generate import generate_pairs
+
+    out = generate_pairs(args.prompts, args.model, args.out, steps=args.steps, guidance=args.guidance,
+                         size=args.size, batch_size=args.batch_size, seed=args.seed,
+                         images_per_prompt=args.images_per_prompt, limit=args.limit, dtype=args.dtype)
+    print(f"paired images → {out}/forget and {out}/retain (use them as forget_data / retain_data)")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # all of train's flags come from the recipe dataclass
@@ -64,6 +95,46 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="erase a concept from the tiny model end to end")
     demo.add_argument("--out", default="erasure-demo", help="where the erased pipeline goes")
     demo.set_defaults(run=_demo)
+
+    prompts = commands.add_parser("prompts", help="concept specs → paired forget/retain prompt sets")
+    prompt_commands = prompts.add_subparsers(dest="prompts_command", required=True)
+    build = prompt_commands.add_parser("build", help="write DIR/train.jsonl, DIR/test.jsonl and DIR/stats.json")
+    build.add_argument("spec", help="a concept spec, e.g. prompts/nudity.yaml")
+    build.add_argument("--out", required=True)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--train", type=int, help="train pairs (default: the spec's sizes.train, 800)")
+    build.add_argument("--test", type=int, help="test pairs (default: the spec's sizes.test, 100)")
+    build.add_argument("--uniform", action="store_true",
+                       help="the single-template sets of the GradDiff / RG / SalUn baselines")
+    build.add_argument("--llm", help="expand the spec with an LLM: 'openai' (any OpenAI-compatible "
+                                     "endpoint) or 'local:PATH' (a transformers causal LM)")
+    build.add_argument("--base-url", help="the endpoint, e.g. http://localhost:8000/v1")
+    build.add_argument("--model", dest="llm_model", help="the endpoint's model name")
+    build.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                       help="environment variable holding the API key (never logged or written)")
+    build.add_argument("--timeout", type=float, default=60.0, help="seconds per LLM request")
+    build.add_argument("--per-dimension", type=int, default=20, help="subconcepts to ask for per dimension")
+    build.add_argument("--paraphrases", type=int, default=5, help="paraphrases of the concept to ask for")
+    build.add_argument("--max-retries", type=int, default=3, help="attempts per step before giving up")
+    build.set_defaults(run=_prompts_build)
+
+    data = commands.add_parser("data", help="render paired images for a prompt set")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    generate = data_commands.add_parser("generate", help="render DIR/forget and DIR/retain image folders")
+    generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build`")
+    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3")
+    generate.add_argument("--out", required=True)
+    generate.add_argument("--steps", type=int, default=50, help="sampler steps (SD default 50)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="guidance scale (SD default 7.5)")
+    generate.add_argument("--size", type=int, help="image size; default: the model's native size")
+    generate.add_argument("--batch-size", type=int, default=4)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--images-per-prompt", type=int, default=1)
+    generate.add_argument("--limit", type=int, help="only the first N pairs")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                          help="weights' precision; auto: float16 on a GPU, float32 on a CPU")
+    generate.set_defaults(run=_data_generate)
+
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -160,6 +160,7 @@ def diversity_stats(spec: ConceptSpec | None, rows: list[dict]) -> dict:
 
 def _write_atomically(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)

@@ -1,0 +1,220 @@
+"""Paired forget/retain images rendered by a base pipeline, in the folder layout the trainer reads.
+
+Each line of a JSONL prompts file is a pair ("a nude person on a beach" / "a person on a beach").
+Both twins of a pair are rendered from the same seed, so they differ by the concept and not by the
+noise. The output is two `datasets` image folders, `OUT/forget` and `OUT/retain` (PNGs plus
+`metadata.jsonl`), and `OUT/generation.json` with the settings.
+
+A run can be killed at any point and rerun: every PNG appears under its final name only once it is
+complete (written to a temporary name, then renamed), a rerun renders only the missing ones, and each
+image's noise comes from its own generator seeded by (seed, pair, k), so the rerun's images are the
+ones the first run would have made, whatever the batch size. `metadata.jsonl` is written last, so a
+folder without it is visibly unfinished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from itertools import zip_longest
+from pathlib import Path
+
+from erasure.data.paired import DataError
+
+SIDES = ("forget", "retain")
+# Columns each metadata row sets itself; a prompts file may not carry keys that would overwrite them
+# ("image" is the column `datasets` image folders decode into).
+RESERVED = {"file_name", "prompt", "seed", "pair", "steps", "guidance", "image"}
+# Settings that change the pixels: a rerun that differs in any of them must not add to the folder.
+# (count / limit is left out on purpose: pair i's images do not depend on how many pairs there are.)
+COMPARED = ("model", "steps", "guidance", "size", "seed", "images_per_prompt", "dtype", "prompts_sha256")
+TMP_SUFFIX = ".tmp"
+
+
+def read_pairs(prompts_file: Path) -> list[dict]:
+    """The pairs of a JSONL file, validated; errors name the file and the line."""
+    if not prompts_file.is_file():
+        raise DataError(f"prompts file {prompts_file} does not exist")
+    pairs = []
+    for number, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{prompts_file} line {number} is not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{prompts_file} line {number} is a JSON {type(row).__name__}, expected an "
+                            "object with forget_prompt and retain_prompt")
+        for key in ("forget_prompt", "retain_prompt"):
+            if key not in row:
+                raise DataError(f"{prompts_file} line {number} has no {key!r} (keys: {', '.join(row) or 'none'})")
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise DataError(f"{prompts_file} line {number}: {key} is {row[key]!r}, expected non-empty text")
+        clash = sorted(RESERVED & set(row))
+        if clash:
+            raise DataError(f"{prompts_file} line {number} has key(s) {', '.join(clash)}, which the "
+                            "generated metadata sets itself; rename them")
+        pairs.append(row)
+    if not pairs:
+        raise DataError(f"prompts file {prompts_file} is empty; expected one JSON object per line with "
+                        "forget_prompt and retain_prompt")
+    return pairs
+
+
+def _write_atomically(path: Path, write) -> None:
+    """write(file) into a temporary sibling, flushed to disk, then renamed over `path`: a reader (or a
+    rerun after a kill) sees the old file or the complete new one, never a partial one."""
+    # Not mkstemp: its files are private (0600); os.open's mode goes through the umask like open's.
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, value) -> None:
+    _write_atomically(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()))
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _load_pipeline(folder: Path, device: str, dtype: str):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from erasure.backbones import has_t5, is_sd3
+
+    index = json.loads((folder / "model_index.json").read_text())
+    extra = {}
+    if is_sd3(folder) and not has_t5(folder):
+        # diffusers does not list text_encoder_3 among SD3's optional components, so a base saved
+        # without T5 only loads when told so.
+        extra = {"text_encoder_3": None, "tokenizer_3": None}
+    if "safety_checker" in index:
+        # The forget set must show the concept: SD 1.x's safety checker would black out exactly the
+        # images (nudity) this set exists to hold.
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, dtype=getattr(torch, dtype), **extra)
+    pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per call
+    return pipe.to(torch.device(device))
+
+
+def _native_size(pipe) -> int:
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    return denoiser.config.sample_size * pipe.vae_scale_factor
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    differ = [k for k in COMPARED if old.get(k) != settings[k]]
+    if differ:
+        detail = "; ".join(f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in differ)
+        raise ValueError(f"{path.parent} holds images generated with different settings ({detail}); "
+                         "use another out_dir, or the same settings to resume")
+
+
+def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *, steps: int = 50,
+                   guidance: float = 7.5, size: int | None = None, batch_size: int = 4, seed: int = 0,
+                   images_per_prompt: int = 1, limit: int | None = None, device: str | None = None,
+                   dtype: str = "auto", show_progress: bool = True) -> Path:
+    """Render `images_per_prompt` images per side for each pair of `prompts_file` into `out_dir`
+    (forget/, retain/, generation.json); resumes a killed run. Returns `out_dir`.
+
+    Image k of pair i (i counts the file's non-blank lines from 0) is `{i:06d}_{k}.png` on both
+    sides, rendered from seed `seed * 1_000_003 + i * images_per_prompt + k`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from erasure.backbones import resolve_model
+
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("images_per_prompt", images_per_prompt)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (or None for every pair), got {limit}")
+    prompts_file, out = Path(prompts_file), Path(out_dir)
+    pairs = read_pairs(prompts_file)[:limit]  # the whole file is validated, even under a limit
+
+    model = str(model)
+    folder = resolve_model(model)
+    if Path(model).expanduser().is_dir():  # a local folder is recorded absolute, so reruns match
+        model = str(Path(model).expanduser().resolve())
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype == "auto":  # half precision where it is fast and usual (GPUs), full where it is not
+        dtype = "float32" if torch.device(device).type == "cpu" else "float16"
+    pipe = _load_pipeline(folder, device, dtype)
+    settings = {
+        "model": model, "steps": int(steps), "guidance": float(guidance),
+        "size": int(size or _native_size(pipe)), "seed": int(seed),
+        "images_per_prompt": int(images_per_prompt), "dtype": dtype,
+        "prompts_file": str(prompts_file.resolve()),
+        "prompts_sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest(),
+        "count": len(pairs), "device": device,
+    }
+    _check_settings(out / "generation.json", settings)
+    for side in SIDES:
+        (out / side).mkdir(parents=True, exist_ok=True)
+    # A killed run's partial writes (never seen under a final name, but not left lying around).
+    for stray in [*out.glob(f".generation.json.*{TMP_SUFFIX}"),
+                  *(s for side in SIDES for s in (out / side).glob(f".*{TMP_SUFFIX}"))]:
+        stray.unlink(missing_ok=True)
+    # Written before any image, so every PNG in the folder was made with recorded settings.
+    _write_json(out / "generation.json", settings)
+
+    def image_seed(i: int, k: int) -> int:
+        return seed * 1_000_003 + i * images_per_prompt + k
+
+    jobs = [(i, k) for i in range(len(pairs)) for k in range(images_per_prompt)]
+    todo = {side: [(i, k) for i, k in jobs if not (out / side / f"{i:06d}_{k}.png").exists()]
+            for side in SIDES}
+    if todo["forget"] or todo["retain"]:
+        for side in SIDES:  # the folders are about to change: no longer look finished
+            (out / side / "metadata.jsonl").unlink(missing_ok=True)
+
+    def batches(side):
+        return [(side, todo[side][s:s + batch_size]) for s in range(0, len(todo[side]), batch_size)]
+
+    total = 2 * len(jobs)
+    bar = tqdm(total=total, initial=total - len(todo["forget"]) - len(todo["retain"]),
+               desc="generating pairs", unit="image", disable=not show_progress)
+    # Forget and retain batches alternate, so a killed run leaves mostly complete twins behind.
+    for batch in (b for twins in zip_longest(batches("forget"), batches("retain")) for b in twins if b):
+        side, chunk = batch
+        images = pipe(
+            prompt=[pairs[i][f"{side}_prompt"] for i, _ in chunk],
+            negative_prompt=None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=settings["size"],
+            width=settings["size"],
+            # One generator per image: image (i, k) gets the same noise in any batch, on any rerun.
+            generator=[torch.Generator(device=device).manual_seed(image_seed(i, k)) for i, k in chunk],
+        ).images
+        for (i, k), image in zip(chunk, images):
+            _write_atomically(out / side / f"{i:06d}_{k}.png", lambda f, im=image: im.save(f, format="PNG"))
+        bar.update(len(chunk))
+    bar.close()
+
+    for side in SIDES:
+        rows = []
+        for i, k in jobs:
+            extras = {key: v for key, v in pairs[i].items() if key not in ("forget_prompt", "retain_prompt")}
+            rows.append({"file_name": f"{i:06d}_{k}.png", "prompt": pairs[i][f"{side}_prompt"],
+                         "seed": image_seed(i, k), "pair": i, "steps": steps, "guidance": guidance, **extras})
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        _write_atomically(out / side / "metadata.jsonl", lambda f, t=text: f.write(t.encode("utf-8")))
+    return out

@@ -1,0 +1,167 @@
+"""Paired forget/retain images rendered by a base pipeline: layout, seeds, resume, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_recipe
+from erasure.data.generate import generate_pairs
+from erasure.data.paired import DataError, load_prompt_image_set
+
+FAST = dict(steps=2, show_progress=False)
+
+
+def write_prompts(path, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"forget_prompt": f"a photo of a nude person, scene {i}",
+                                "retain_prompt": f"a photo of a person, scene {i}",
+                                "subconcepts": ["nudity"]}) + "\n")
+    return path
+
+
+def rows(folder):
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_sd1, tmp_path_factory):
+    """3 pairs on tiny SD 1.x, shared by the tests that only read them."""
+    tmp = tmp_path_factory.mktemp("generated")
+    return generate_pairs(write_prompts(tmp / "prompts.jsonl", 3), tiny_sd1, tmp / "out", **FAST)
+
+
+def test_pairs_sd1(generated):
+    forget, retain = rows(generated / "forget"), rows(generated / "retain")
+    assert len(forget) == len(retain) == 3
+    for side, side_rows in (("forget", forget), ("retain", retain)):
+        assert sorted(p.name for p in (generated / side).glob("*.png")) == [f"{i:06d}_0.png" for i in range(3)]
+        assert [r["pair"] for r in side_rows] == [0, 1, 2]
+        assert all(r["steps"] == 2 and r["subconcepts"] == ["nudity"] for r in side_rows)
+    assert "nude" in forget[0]["prompt"] and "nude" not in retain[0]["prompt"]
+    assert [r["seed"] for r in forget] == [r["seed"] for r in retain] == [0, 1, 2]  # twins share noise
+    settings = json.loads((generated / "generation.json").read_text())
+    assert settings["size"] == 32 and settings["count"] == 3 and len(settings["prompts_sha256"]) == 64
+    assert len(load_prompt_image_set("forget_data", str(generated / "forget"))) == 3
+    assert len(load_prompt_image_set("retain_data", str(generated / "retain"))) == 3
+
+
+def test_pairs_sd3(tiny_sd3, tmp_path):
+    out = generate_pairs(write_prompts(tmp_path / "p.jsonl", 1), tiny_sd3, tmp_path / "out", **FAST)
+    for side in ("forget", "retain"):
+        assert len(rows(out / side)) == 1
+        assert pixels(out / side / "000000_0.png").shape == (32, 32, 3)
+
+
+def test_batch_size_does_not_change_the_images(tiny_sd1, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    one = generate_pairs(prompts, tiny_sd1, tmp_path / "b1", batch_size=1, **FAST)
+    three = generate_pairs(prompts, tiny_sd1, tmp_path / "b3", batch_size=3, **FAST)
+    for side in ("forget", "retain"):
+        assert rows(one / side) == rows(three / side)
+        for name in (f"{i:06d}_0.png" for i in range(3)):
+            a, b = pixels(one / side / name), pixels(three / side / name)
+            # Same noise per image; a batched convolution sums in another order (≈1e-6 here), which
+            # can flip the rounding of a stray pixel by one level — not a different image.
+            diff = np.abs(a - b)
+            assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (side, name, diff.max())
+
+
+def test_rerun_renders_only_what_is_missing(tiny_sd1, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    out = generate_pairs(prompts, tiny_sd1, tmp_path / "out", batch_size=1, **FAST)
+    before = shutil.copytree(out, tmp_path / "before")
+    (out / "forget" / "000001_0.png").unlink()
+    partial = out / "forget" / ".000001_0.png.4242-deadbeef.tmp"  # as a kill mid-write leaves it
+    partial.write_bytes((before / "forget" / "000001_0.png").read_bytes()[:100])
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("*/*.png")}
+
+    generate_pairs(prompts, tiny_sd1, out, batch_size=1, **FAST)
+    # Rendered alone both times, so exactly the same computation: the same bytes.
+    assert (out / "forget" / "000001_0.png").read_bytes() == (before / "forget" / "000001_0.png").read_bytes()
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())  # the others untouched
+    assert not partial.exists()
+    assert rows(out / "forget") == rows(before / "forget")
+
+
+def test_killed_run_resumes(tiny_sd1, tmp_path):
+    prompts, out = write_prompts(tmp_path / "p.jsonl", 12), tmp_path / "out"
+    code = ("import sys; from erasure.data.generate import generate_pairs; "
+            "generate_pairs(sys.argv[1], sys.argv[2], sys.argv[3], steps=2, batch_size=1, show_progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(prompts), str(tiny_sd1), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    while len(list(out.glob("*/*.png"))) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "forget" / "metadata.jsonl").exists()  # it really was cut short
+    assert len(list(out.glob("*/*.png"))) < 24
+
+    generate_pairs(prompts, tiny_sd1, out, batch_size=4, **FAST)
+    for side in ("forget", "retain"):
+        assert len(rows(out / side)) == 12
+        assert len(list((out / side).glob("*.png"))) == 12
+        assert not list((out / side).glob(".*"))  # no temporary files left
+        for png in (out / side).glob("*.png"):
+            with Image.open(png) as image:
+                image.load()
+
+
+def test_changed_settings_are_refused(generated, tiny_sd1):
+    settings = json.loads((generated / "generation.json").read_text())
+    with pytest.raises(ValueError, match=r"steps: 2 there, 3 now"):
+        generate_pairs(settings["prompts_file"], tiny_sd1, generated, steps=3, show_progress=False)
+    assert len(rows(generated / "forget")) == 3  # nothing was touched
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (['{"forget_prompt": "a", "retain_prompt": "b"}', "{not json"], r"line 2 is not JSON"),
+    (['{"forget_prompt": "a nude person"}'], r"line 1 has no 'retain_prompt'"),
+    (['{"forget_prompt": "a", "retain_prompt": "b", "seed": 3}'], r"line 1 has key\(s\) seed"),
+    ([], r"is empty"),
+])
+def test_bad_prompts_file(lines, expected, tiny_sd1, tmp_path):
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(DataError, match=expected) as error:
+        generate_pairs(prompts, tiny_sd1, tmp_path / "out", **FAST)
+    assert str(prompts) in str(error.value)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_generated_folders_feed_the_trainer(generated, tiny_sd1, tmp_path):
+    run_recipe("tiny/rgd.yaml", model=tiny_sd1, forget_data=generated / "forget",
+               retain_data=generated / "retain", output_dir=tmp_path / "o", max_steps=1)
+    assert (tmp_path / "o" / "model_index.json").is_file()
+
+
+def test_generation_from_the_command_line_on_a_built_prompt_set(tmp_path):
+    from conftest import REPO
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "erasure.cli", *a], capture_output=True, text=True,
+                                    timeout=300)
+    built = run("prompts", "build", str(REPO / "prompts/nudity.yaml"), "--out", str(tmp_path / "p"),
+                "--train", "3", "--test", "1")
+    assert built.returncode == 0, built.stderr[-2000:]
+    done = run("data", "generate", "--prompts", str(tmp_path / "p/train.jsonl"), "--model", "tiny:sd1",
+               "--out", str(tmp_path / "d"), "--steps", "2", "--batch-size", "3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(l) for l in (tmp_path / "d/retain/metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("nude" not in r["prompt"] for r in rows)
+    assert json.loads((tmp_path / "d/generation.json").read_text())["dtype"] == "float32"
