@@ -80,6 +80,21 @@ def _data_generate(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Bad input (a recipe, spec, data set or LLM answer that is wrong) ends with its message and
+    exit status 2, not a traceback; anything else is a bug and keeps its traceback."""
+    from erasure.config import RecipeError
+    from erasure.data.paired import DataError
+    from erasure.prompts.llm import LLMError
+    from erasure.prompts.spec import SpecError
+
+    try:
+        _main(argv)
+    except (RecipeError, SpecError, DataError, LLMError) as e:
+        print(f"erasure: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # all of train's flags come from the recipe dataclass
         from erasure.trainer import main as train_main

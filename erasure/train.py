@@ -12,6 +12,6 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))  # the repository, for runs from a plain checkout
 
-    from erasure.trainer import main
+    from erasure.cli import main  # the same command as `erasure train`, with its error handling
 
-    main()
+    main(["train", *sys.argv[1:]])

@@ -63,3 +63,15 @@ def test_losses_and_gradient_cosine_reach_the_installed_tracker(tiny_sd1, tmp_pa
     assert {"loss/forget", "loss/retain", "grad_cosine"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss/retain")] == [1, 2, 3]
     assert not (out / "checkpoints").exists()  # removed once the export completed
+
+
+def test_bad_input_is_one_clear_line_with_status_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "erasure.cli", "train", "--recipe", str(RECIPES / "tiny/rgd.yaml"),
+                           "--method", "rdg"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "erasure: error: method: 'rdg' is not one of" in done.stderr
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("concept: x\nphrasings: [x]\ntemplates: ['{concept} {mood}']\ndimensions: {subject: [a, b]}\n")
+    done = subprocess.run([sys.executable, "-m", "erasure.cli", "prompts", "build", str(spec), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "uses {mood}, but there is no dimension 'mood'" in done.stderr
