@@ -127,9 +127,9 @@ class _Tally:
         return f"all {total} items rejected: " + "; ".join(parts)
 
 
-def _filter_paraphrases(spec: ConceptSpec, items: list, want: int, tally: _Tally) -> list[str]:
-    seen = {p.casefold() for p in spec.phrasings}
-    retain = _retain_texts(spec)
+def _accept(items: list, want: int, seen: set[str], duplicate: str, leak, tally: _Tally) -> list[str]:
+    """Up to `want` cleaned items that are new (not in `seen`) and for which `leak(text)` finds
+    nothing; every rejection is tallied with its reason."""
     accepted = []
     for item in items[:MAX_ITEMS_CONSIDERED]:
         text, why = clean_item(item)
@@ -137,41 +137,38 @@ def _filter_paraphrases(spec: ConceptSpec, items: list, want: int, tally: _Tally
             tally.reject(item, why)
             continue
         if text.casefold() in seen:
-            tally.reject(text, "already a phrasing")
+            tally.reject(text, duplicate)
             continue
-        leak = next((where for where, t in retain if _mentions(t, [text])), None)
-        if leak:
-            tally.reject(text, "would make a retain prompt name the concept", f"{text!r} is in {leak}")
+        problem = leak(text)
+        if problem:
+            tally.reject(text, *problem)
             continue
         seen.add(text.casefold())
         accepted.append(text)
         if len(accepted) >= want:
             break
     return accepted
+
+
+def _filter_paraphrases(spec: ConceptSpec, items: list, want: int, tally: _Tally) -> list[str]:
+    retain = _retain_texts(spec)
+
+    def leak(text):  # a new phrasing must not already occur in text that ends up in retain prompts
+        where = next((where for where, t in retain if _mentions(t, [text])), None)
+        return where and ("would make a retain prompt name the concept", f"{text!r} is in {where}")
+
+    return _accept(items, want, {p.casefold() for p in spec.phrasings}, "already a phrasing", leak, tally)
 
 
 def _filter_subconcepts(spec: ConceptSpec, name: str, items: list, want: int, tally: _Tally) -> list[str]:
     dim = spec.dimensions[name]
-    seen = {s.casefold() for s in dim.train + dim.test}
     terms = list(spec.phrasings) + [spec.concept]
-    accepted = []
-    for item in items[:MAX_ITEMS_CONSIDERED]:
-        text, why = clean_item(item)
-        if why:
-            tally.reject(item, why)
-            continue
-        if text.casefold() in seen:
-            tally.reject(text, "already listed")
-            continue
-        leak = _mentions(text, terms)
-        if leak:
-            tally.reject(text, "contain the concept phrasing", f"{text!r} has {leak!r}")
-            continue
-        seen.add(text.casefold())
-        accepted.append(text)
-        if len(accepted) >= want:
-            break
-    return accepted
+
+    def leak(text):  # a subconcept lands in retain prompts too, so it may not name the concept
+        found = _mentions(text, terms)
+        return found and ("contain the concept phrasing", f"{text!r} has {found!r}")
+
+    return _accept(items, want, {s.casefold() for s in dim.train + dim.test}, "already listed", leak, tally)
 
 
 def split_of(seed: int, dimension: str, item: str) -> str:
