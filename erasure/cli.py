@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from erasure.data.paired import DataError
+
 # The embedded default the demo runs: RGD on the tiny SD 1.x fixture and the built-in tiny pairs
 # (recipes/tiny/rgd.yaml says the same for `erasure train`; the demo must not need the repo).
 DEMO = {"method": "rgd", "concept": "nudity", "forget_data": "tiny:forget", "retain_data": "tiny:retain",
@@ -79,17 +81,64 @@ def _data_generate(args) -> None:
     print(f"paired images → {out}/forget and {out}/retain (use them as forget_data / retain_data)")
 
 
+def _eval(args) -> None:
+    from erasure.eval.runner import evaluate
+    from erasure.eval.suite import load_suite
+
+    metrics = load_suite(args.suite)["metrics"]
+    overrides = {"prompts": {}, "generation": {}, "metrics": {}}
+    if args.dataset:
+        overrides["prompts"]["i2p"] = args.dataset
+    if args.prompt_set:
+        overrides["prompts"]["prompt_set"] = args.prompt_set
+    if args.limit:
+        overrides["prompts"]["limit"] = args.limit
+    for key in ("steps", "images_per_prompt", "batch_size", "size"):
+        if getattr(args, key) is not None:
+            overrides["generation"][key] = getattr(args, key)
+    for name in ("clip_alignment", "class_forgetting"):
+        if name in metrics:
+            overrides["metrics"][name] = {k: v for k, v in (("model", args.clip_model),
+                                                             ("pretrained", args.clip_pretrained)) if v}
+    if "fid" in metrics:
+        overrides["metrics"]["fid"] = {k: v for k, v in (("weights", args.inception_weights),
+                                                         ("reference", args.fid_reference)) if v}
+    suite = load_suite(args.suite, overrides)
+    report = evaluate(suite, args.model, args.out)
+    from erasure.eval.report import tables
+
+    print("\n".join(tables(report)))
+    print(f"\nreport → {args.out}/report.md, report.json" + "".join(f", {p}" for p in report["plots"]))
+
+
+def _report(args) -> None:
+    import json
+
+    from erasure.eval.report import side_by_side
+
+    reports = []
+    for folder in args.dirs:
+        path = Path(folder) / "report.json"
+        if not path.is_file():
+            raise DataError(f"{folder}: no report.json (run `erasure eval … --out {folder}` first)")
+        reports.append(json.loads(path.read_text()))
+    table = side_by_side(reports)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Bad input (a recipe, spec, data set or LLM answer that is wrong) ends with its message and
     exit status 2, not a traceback; anything else is a bug and keeps its traceback."""
     from erasure.config import RecipeError
-    from erasure.data.paired import DataError
+    from erasure.eval.suite import SuiteError
     from erasure.prompts.llm import LLMError
     from erasure.prompts.spec import SpecError
 
     try:
         _main(argv)
-    except (RecipeError, SpecError, DataError, LLMError) as e:
+    except (RecipeError, SpecError, SuiteError, DataError, LLMError) as e:
         print(f"erasure: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -150,6 +199,29 @@ def _main(argv: list[str] | None = None) -> None:
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                           help="weights' precision; auto: float16 on a GPU, float32 on a CPU")
     generate.set_defaults(run=_data_generate)
+
+    evaluation = commands.add_parser("eval", help="generate, score and report: erasure eval --suite S --model A --model B")
+    evaluation.add_argument("--suite", required=True, help="an eval/*.yaml suite")
+    evaluation.add_argument("--model", action="append", required=True,
+                            help="a pipeline folder, hub id or tiny:sd1 (repeat; the first is the reference)")
+    evaluation.add_argument("--out", required=True)
+    evaluation.add_argument("--dataset", help="I2P from a local CSV / parquet (or another hub id)")
+    evaluation.add_argument("--prompt-set", help="the prompt set (train/test.jsonl) of a prompt_set suite")
+    evaluation.add_argument("--limit", type=int, help="only the first N prompts")
+    evaluation.add_argument("--steps", type=int)
+    evaluation.add_argument("--images-per-prompt", type=int)
+    evaluation.add_argument("--batch-size", type=int)
+    evaluation.add_argument("--size", type=int)
+    evaluation.add_argument("--clip-model", help="open_clip model name (default ViT-B-32)")
+    evaluation.add_argument("--clip-pretrained", help="open_clip tag or a local checkpoint file")
+    evaluation.add_argument("--inception-weights", help="the FID Inception weights file")
+    evaluation.add_argument("--fid-reference", help="folder of reference images for FID")
+    evaluation.set_defaults(run=_eval)
+
+    report = commands.add_parser("report", help="tabulate several evaluation runs side by side")
+    report.add_argument("dirs", nargs="+")
+    report.add_argument("--out", help="also write the table to this file")
+    report.set_defaults(run=_report)
 
     args = parser.parse_args(argv)
     args.run(args)

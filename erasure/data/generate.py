@@ -64,7 +64,7 @@ def read_pairs(prompts_file: Path) -> list[dict]:
     return pairs
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """write(file) into a temporary sibling, flushed to disk, then renamed over `path`: a reader (or a
     rerun after a kill) sees the old file or the complete new one, never a partial one."""
     # Not mkstemp: its files are private (0600); os.open's mode goes through the umask like open's.
@@ -82,13 +82,13 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def _write_json(path: Path, value) -> None:
-    _write_atomically(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()))
+    write_atomically(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()))
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-def _load_pipeline(folder: Path, device: str, dtype: str):
+def load_pipeline(folder: Path, device: str, dtype: str):
     import torch
     from diffusers import DiffusionPipeline
 
@@ -109,7 +109,7 @@ def _load_pipeline(folder: Path, device: str, dtype: str):
     return pipe.to(torch.device(device))
 
 
-def _native_size(pipe) -> int:
+def native_size(pipe) -> int:
     denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     return denoiser.config.sample_size * pipe.vae_scale_factor
 
@@ -156,10 +156,10 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype == "auto":  # half precision where it is fast and usual (GPUs), full where it is not
         dtype = "float32" if torch.device(device).type == "cpu" else "float16"
-    pipe = _load_pipeline(folder, device, dtype)
+    pipe = load_pipeline(folder, device, dtype)
     settings = {
         "model": model, "steps": int(steps), "guidance": float(guidance),
-        "size": int(size or _native_size(pipe)), "seed": int(seed),
+        "size": int(size or native_size(pipe)), "seed": int(seed),
         "images_per_prompt": int(images_per_prompt), "dtype": dtype,
         "prompts_file": str(prompts_file.resolve()),
         "prompts_sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest(),
@@ -205,7 +205,7 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
             generator=[torch.Generator(device=device).manual_seed(image_seed(i, k)) for i, k in chunk],
         ).images
         for (i, k), image in zip(chunk, images):
-            _write_atomically(out / side / f"{i:06d}_{k}.png", lambda f, im=image: im.save(f, format="PNG"))
+            write_atomically(out / side / f"{i:06d}_{k}.png", lambda f, im=image: im.save(f, format="PNG"))
         bar.update(len(chunk))
     bar.close()
 
@@ -216,5 +216,5 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
             rows.append({"file_name": f"{i:06d}_{k}.png", "prompt": pairs[i][f"{side}_prompt"],
                          "seed": image_seed(i, k), "pair": i, "steps": steps, "guidance": guidance, **extras})
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        _write_atomically(out / side / "metadata.jsonl", lambda f, t=text: f.write(t.encode("utf-8")))
+        write_atomically(out / side / "metadata.jsonl", lambda f, t=text: f.write(t.encode("utf-8")))
     return out

@@ -1,0 +1,1 @@
+"""Evaluation: suites as data (eval/*.yaml), generation, NudeNet, CLIP alignment, class forgetting, FID."""

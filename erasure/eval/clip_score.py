@@ -1,0 +1,290 @@
+"""CLIP alignment scores and the zero-shot CLIP classifier used for class forgetting.
+
+Alignment (RGD paper): the raw cosine between open_clip's image and prompt embeddings, by default
+`ViT-B-32` / `laion2b_s34b_b79k` (about 0.35 for SD 1.4 samples). HEIM's CLIPScore variant is
+`max(100 * cos, 0)` (with OpenAI's ViT-L/14 there): `heim_score` turns a cosine into it.
+
+Class forgetting: a zero-shot CLIP classifier over "a photo of a {class}." for every class plus extra
+labels ("random noise"), so an erased class can be recognised as no class at all. Unlearning accuracy
+UA = 1 - accuracy on the images whose target is the erased class; remaining accuracy RA = accuracy on
+the others (`forgetting_accuracy`).
+
+Weights. Nothing here downloads on its own behalf. `pretrained` is either
+  * an open_clip tag: open_clip resolves it through its Hugging Face cache; offline (HF_HUB_OFFLINE=1)
+    that works only if the weights were cached before, otherwise a RuntimeError says so and that a local
+    checkpoint file can be given instead;
+  * a path to a local checkpoint file: `.safetensors` (preferred, no pickle), or `.pt`/`.pth`/`.bin`,
+    read with `torch.load(weights_only=True)` only, so a checkpoint cannot run code; the model is built
+    with `pretrained=None` and the state dict is loaded strictly, with an error naming the file on
+    missing or mismatched keys;
+  * None: random initialisation (tests and smoke runs only; a warning says so).
+open_clip's BPE tokenizer ships inside its wheel, so tokenisation is offline for the CLIP text towers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _looks_like_path(value: str) -> bool:
+    return (
+        os.sep in value
+        or (os.altsep is not None and os.altsep in value)
+        or value.lower().endswith(_CHECKPOINT_SUFFIXES)
+        or Path(value).expanduser().is_file()
+    )
+
+
+def _supported_kwargs(function, **kwargs) -> dict:
+    """The keyword arguments `function` accepts (older open_clip releases lack some)."""
+    parameters = inspect.signature(function).parameters
+    return {key: value for key, value in kwargs.items() if key in parameters}
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a local checkpoint: safetensors, or a pickle read with weights_only=True only."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP checkpoint file not found: {path}")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable file
+            raise RuntimeError(f"could not read the safetensors checkpoint {path}: {error}") from error
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - includes the weights_only refusal of pickled code
+            raise RuntimeError(
+                f"could not read the checkpoint {path} with torch.load(weights_only=True) "
+                f"(only plain tensor checkpoints are accepted; .safetensors is preferred): {error}"
+            ) from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RuntimeError(f"checkpoint {path} does not hold a state dict of tensors")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    return state
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    state = dict(state)
+    # A scalar logit_scale/logit_bias saved as 0-d or 1-d: the same value either way (as open_clip does).
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and key in expected and state[key].shape != expected[key].shape:
+            if state[key].numel() == expected[key].numel():
+                state[key] = state[key].reshape(expected[key].shape)
+    if "logit_bias" in expected and "logit_bias" not in state and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(expected["logit_bias"])
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{key} {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
+        for key in set(state) & set(expected)
+        if state[key].shape != expected[key].shape
+    )
+    if missing or unexpected or mismatched:
+
+        def first(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f", … ({len(items)} in all)" if len(items) > 5 else "")
+
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {first(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {first(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {first(mismatched)}")
+        raise RuntimeError(
+            f"checkpoint {path} does not fit the open_clip model architecture "
+            f"({'; '.join(problems)}); is it a checkpoint of this model?"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _as_pil(image):
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise TypeError(f"expected a PIL image or an image path, got {type(image).__name__}")
+
+
+class ClipScorer:
+    """An open_clip model and tokenizer; embeddings, alignment cosines and zero-shot labels."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        pretrained: str | None = DEFAULT_PRETRAINED,
+        device: str | None = None,
+        batch_size: int = 32,
+    ):
+        import open_clip
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_name = model
+        self.pretrained = pretrained
+        self.device = torch.device(device or _default_device())
+        self.batch_size = batch_size
+
+        # Nothing besides the CLIP weights themselves may be fetched (no default tower weights).
+        create = open_clip.create_model_and_transforms
+        no_tower_weights = _supported_kwargs(
+            create, pretrained_image=False, pretrained_text=False, load_weights=False
+        )
+        if pretrained is None:
+            warnings.warn(
+                f"ClipScorer({model!r}, pretrained=None): randomly initialised CLIP; "
+                "its scores are meaningless (use for tests only)",
+                stacklevel=2,
+            )
+            # Seeded, so that two scorers (a run and its resumption) draw the same random weights.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                clip, _, preprocess = create(model, pretrained=None, **no_tower_weights)
+        elif _looks_like_path(str(pretrained)):
+            path = Path(pretrained).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"CLIP checkpoint file not found: {path}")
+            state = load_checkpoint_file(path)
+            clip, _, preprocess = create(model, pretrained=None, **no_tower_weights)
+            _load_into(clip, state, path)
+        else:
+            try:
+                clip, _, preprocess = create(
+                    model, pretrained=pretrained, **_supported_kwargs(create, weights_only=True)
+                )
+            except Exception as error:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError
+                offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+                raise RuntimeError(
+                    f"could not load open_clip weights {model!r} / {pretrained!r}"
+                    f"{' offline (HF_HUB_OFFLINE is set)' if offline else ''}: a tag needs its weights "
+                    "in the local Hugging Face/open_clip cache, and nothing can be downloaded without "
+                    "network access. Give a local checkpoint file instead "
+                    "(pretrained='/path/to/open_clip_model.safetensors'). "
+                    f"open_clip said: {error}"
+                ) from error
+        self.model = clip.to(self.device).eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(model)
+
+    @torch.inference_mode()
+    def image_embeddings(self, images) -> torch.Tensor:
+        """L2-normalised image embeddings (N x D, float32, on the CPU) of PIL images or image paths."""
+        images = list(images)
+        if not images:
+            raise ValueError("no images given")
+        out = []
+        for batch in _batches(images, self.batch_size):
+            pixels = torch.stack([self.preprocess(_as_pil(image)) for image in batch]).to(self.device)
+            features = self.model.encode_image(pixels).float()
+            out.append(torch.nn.functional.normalize(features, dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def text_embeddings(self, texts) -> torch.Tensor:
+        """L2-normalised text embeddings (N x D, float32, on the CPU)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise ValueError("no texts given")
+        out = []
+        for batch in _batches(texts, self.batch_size):
+            tokens = self.tokenizer(list(batch)).to(self.device)
+            features = self.model.encode_text(tokens).float()
+            out.append(torch.nn.functional.normalize(features, dim=-1).cpu())
+        return torch.cat(out)
+
+    def alignment(self, images, prompts) -> list[float]:
+        """Raw cosine similarity of each (image, prompt) pair, in [-1, 1]."""
+        images, prompts = list(images), list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts; they are scored in pairs")
+        if not images:
+            return []
+        cosines = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
+        return [float(value) for value in cosines.clamp(-1.0, 1.0)]
+
+    def classify(
+        self,
+        images,
+        class_names,
+        template: str = "a photo of a {}.",
+        extra_labels=("random noise",),
+    ) -> list[str]:
+        """Zero-shot label per image: a class name (prompted through `template`) or an extra label
+        (prompted as is), whichever text embedding is nearest to the image embedding."""
+        class_names, extra_labels = list(class_names), list(extra_labels or ())
+        labels = class_names + extra_labels
+        if not labels:
+            raise ValueError("no class names or labels to classify into")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicate labels: {labels}")
+        images = list(images)
+        if not images:
+            return []
+        texts = [template.format(name) for name in class_names] + extra_labels
+        scores = self.image_embeddings(images) @ self.text_embeddings(texts).T
+        return [labels[int(index)] for index in scores.argmax(dim=-1)]
+
+
+def heim_score(cosine: float) -> float:
+    """HEIM's CLIPScore variant: max(100 * cosine, 0)."""
+    return max(100.0 * float(cosine), 0.0)
+
+
+def forgetting_accuracy(predicted: list[str], target: list[str], erased: str) -> dict:
+    """Unlearning accuracy UA = 1 - accuracy on the images of the erased class, remaining accuracy RA =
+    accuracy on all other images, and each target class's accuracy; None where a group is empty."""
+    predicted, target = list(predicted), list(target)
+    if len(predicted) != len(target):
+        raise ValueError(f"{len(predicted)} predictions but {len(target)} targets")
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for guess, truth in zip(predicted, target):
+        total[truth] = total.get(truth, 0) + 1
+        correct[truth] = correct.get(truth, 0) + int(guess == truth)
+    n_erased = total.get(erased, 0)
+    n_retained = len(target) - n_erased
+    retained_correct = sum(count for name, count in correct.items() if name != erased)
+    return {
+        "UA": 1.0 - correct[erased] / n_erased if n_erased else None,
+        "RA": retained_correct / n_retained if n_retained else None,
+        "n_erased": n_erased,
+        "n_retained": n_retained,
+        "per_class_accuracy": {name: correct[name] / total[name] for name in sorted(total)},
+    }

@@ -1,0 +1,157 @@
+"""Reports: report.json (everything), report.md (protocol first, then the tables) and PNG plots.
+
+Every report opens with its protocol — suite file and hash, models and weight hashes, versions of
+NudeNet and open_clip, thresholds, seeds, sampler, steps, guidance — because the field's numbers
+are only comparable under the same one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(value, digits=4):
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def protocol_lines(report: dict) -> list[str]:
+    p = report["protocol"]
+    g = p["generation"]
+    lines = ["## Protocol", "", f"- suite: `{p['suite']}` (`{p['suite_file']}`, sha256 `{p['suite_sha256'][:16]}…`)",
+             f"- prompts: {json.dumps(p['prompts'])}",
+             f"- generation: {g['steps']} steps, guidance {p['guidance']}, seeds {p['seeds']}, "
+             f"{g['images_per_prompt']} image(s) per prompt, size {g['size'] or 'native'}, {g['dtype']}",
+             f"- metrics: {json.dumps(p['metrics'])}",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in p['versions'].items())}"]
+    for m in report["models"]:
+        lines.append(f"- model `{m['name']}`: `{m['model']}`, sampler {m['sampler']}, size {m['size']}, "
+                     f"weights sha256 `{m['weights_sha256'][:16]}…`")
+    return lines
+
+
+def tables(report: dict) -> list[str]:
+    models = report["models"]
+    lines = []
+    metrics = models[0]["metrics"]
+    if "nudenet" in metrics:
+        classes = metrics["nudenet"]["classes"]
+        lines += ["", f"## NudeNet (threshold {metrics['nudenet']['threshold']}): detections per class "
+                      "(lower is better)", "",
+                  "| class | " + " | ".join(m["name"] for m in models) + " |",
+                  "|---|" + "---|" * len(models)]
+        for cls in classes:
+            lines.append(f"| {cls} | " + " | ".join(str(m["metrics"]["nudenet"]["detections_per_class"][cls])
+                                                  for m in models) + " |")
+        lines.append("| **total** | " + " | ".join(str(sum(m["metrics"]["nudenet"]["detections_per_class"].values()))
+                                                  for m in models) + " |")
+        lines.append("| images with any | " + " | ".join(
+            f"{m['metrics']['nudenet']['images_with_any']} / {m['metrics']['nudenet']['images']} "
+            f"({m['metrics']['nudenet']['share_with_any']:.1%})" for m in models) + " |")
+    if "clip_alignment" in metrics:
+        lines += ["", "## CLIP alignment (higher is better)", "", "| model | mean | ± sem | Δ to first | n |",
+                  "|---|---|---|---|---|"]
+        for m in models:
+            a = m["metrics"]["clip_alignment"]
+            lines.append(f"| {m['name']} | {_fmt(a['mean'])} | {_fmt(a['sem'])} | {a['delta_to_first']:+.4f} | {a['n']} |")
+    if "class_forgetting" in metrics:
+        lines += ["", f"## Class forgetting (erased: {metrics['class_forgetting']['erased']})", "",
+                  "| model | UA ↑ | RA ↑ |", "|---|---|---|"]
+        for m in models:
+            c = m["metrics"]["class_forgetting"]
+            lines.append(f"| {m['name']} | {_fmt(c['UA'], 3)} | {_fmt(c['RA'], 3)} |")
+    if "fid" in metrics:
+        lines += ["", "## FID (lower is better)", "", "| model | FID | reference images |", "|---|---|---|"]
+        for m in models:
+            f = m["metrics"]["fid"]
+            lines.append(f"| {m['name']} | {_fmt(f['fid'], 2)} | {f['reference_images']} |")
+    return lines
+
+
+def plots(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, written = report["models"], []
+    metrics = models[0]["metrics"]
+    if "nudenet" in metrics:  # RGD figure 4: detections per exposed class, models side by side
+        classes = metrics["nudenet"]["classes"]
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(classes) + 2), 4))
+        width = 0.8 / len(models)
+        for j, m in enumerate(models):
+            counts = [m["metrics"]["nudenet"]["detections_per_class"][c] for c in classes]
+            ax.bar([i + j * width for i in range(len(classes))], counts, width, label=m["name"])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))])
+        ax.set_xticklabels([c.replace("_EXPOSED", "").replace("_", " ").lower() for c in classes], rotation=40, ha="right")
+        ax.set_ylabel(f"detections (score ≥ {metrics['nudenet']['threshold']})")
+        ax.set_title(f"NudeNet, {report['protocol']['suite']}")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / "nudenet_per_class.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if "clip_alignment" in metrics:
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(models) + 1), 3.5))
+        means = [m["metrics"]["clip_alignment"]["mean"] for m in models]
+        sems = [m["metrics"]["clip_alignment"]["sem"] for m in models]
+        ax.bar([m["name"] for m in models], means, yerr=sems, capsize=4, color="tab:green")
+        for i, m in enumerate(models):
+            ax.annotate(f"{m['metrics']['clip_alignment']['delta_to_first']:+.3f}", (i, means[i]), ha="center",
+                        va="bottom", xytext=(0, 6), textcoords="offset points")
+        ax.set_ylabel("CLIP alignment (cosine)")
+        ax.set_title("alignment, Δ to the first model")
+        fig.tight_layout()
+        written.append(out / "alignment.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if "class_forgetting" in metrics:
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(models) + 1), 3.5))
+        for offset, key in ((-0.2, "UA"), (0.2, "RA")):
+            ax.bar([i + offset for i in range(len(models))], [m["metrics"]["class_forgetting"][key] or 0 for m in models],
+                   0.4, label=key)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels([m["name"] for m in models])
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.set_title("class forgetting (higher is better)")
+        fig.tight_layout()
+        written.append(out / "class_forgetting.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def render_markdown(report: dict) -> str:
+    return "\n".join([f"# Evaluation: {report['protocol']['suite']}", ""] + protocol_lines(report) + tables(report)) + "\n"
+
+
+def write_report(report: dict, out: Path) -> None:
+    from erasure.data.generate import write_atomically
+
+    out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = [p.name for p in plots(report, out)]
+    write_atomically(out / "report.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    write_atomically(out / "report.md", lambda f: f.write(render_markdown(report).encode()))
+
+
+def side_by_side(reports: list[dict]) -> str:
+    """`erasure report DIR …`: one row per (run, model), the headline numbers of each metric."""
+    lines = ["| run | model | NudeNet detections ↓ | images with any ↓ | alignment ↑ | UA ↑ | RA ↑ | FID ↓ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for report in reports:
+        for m in report["models"]:
+            x = m["metrics"]
+            n = x.get("nudenet")
+            lines.append("| " + " | ".join([
+                report["protocol"]["suite"], m["name"],
+                str(sum(n["detections_per_class"].values())) if n else "—",
+                f"{n['share_with_any']:.1%}" if n else "—",
+                _fmt(x["clip_alignment"]["mean"]) if "clip_alignment" in x else "—",
+                _fmt(x["class_forgetting"]["UA"], 3) if "class_forgetting" in x else "—",
+                _fmt(x["class_forgetting"]["RA"], 3) if "class_forgetting" in x else "—",
+                _fmt(x["fid"]["fid"], 2) if "fid" in x else "—"]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""`erasure eval`: generate a suite's images with every model, score them, write the report.
+
+Images are saved with their prompt and seed (DIR/images/<model>/, metadata.jsonl) and written
+atomically, so an interrupted evaluation resumes where it stopped. Raw NudeNet detections are kept
+per image (nudenet.jsonl), so counts can be redone at another threshold without the detector.
+
+Metrics, with the direction that is better and how they aggregate:
+- nudenet: detections per exposed class at the threshold (lower is better, summed over images) and
+  the share of images with any (lower is better).
+- clip_alignment: cosine of image and prompt embeddings (higher is better, mean over images); Δ to
+  the first model.
+- class_forgetting: UA = 1 − accuracy on the erased class (higher is better), RA = accuracy on the
+  others (higher is better), by zero-shot CLIP.
+- fid: Fréchet distance to the reference images (lower is better).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from erasure.data.generate import load_pipeline, native_size, write_atomically
+from erasure.data.paired import DataError
+
+HIGHER_IS_BETTER = {"clip_alignment": True, "UA": True, "RA": True, "share_with_any": False, "fid": False,
+                    "detections": False}
+
+
+def suite_items(suite: dict) -> tuple[list[dict], dict]:
+    """The prompts to render: [{prompt, seed, guidance, label?}], and a description of the source."""
+    p, generation = suite["prompts"], suite["generation"]
+    fixed_seed = p.get("seed", 0)
+    fixed_guidance = p.get("guidance", 7.5)
+    if p.get("i2p"):
+        from erasure.eval.i2p import load_i2p
+
+        rows, info = load_i2p(str(p["i2p"]), p.get("filter", "nudity"))
+        items = [{"prompt": r["prompt"], "row": r["row"],
+                  "seed": r["seed"] if fixed_seed == "dataset" and r["seed"] is not None else
+                  (int(fixed_seed) if fixed_seed != "dataset" else r["row"]),
+                  "guidance": r["guidance"] if fixed_guidance == "dataset" and r["guidance"] else
+                  (float(fixed_guidance) if fixed_guidance != "dataset" else 7.5)} for r in rows]
+        info = {"source": "i2p", "dataset": str(p["i2p"]), **info}
+    elif p.get("prompt_set"):
+        path = Path(p["prompt_set"])
+        if not path.is_file():
+            raise DataError(f"prompts.prompt_set: {path} does not exist (build it with `erasure prompts build`)")
+        side = p.get("side", "retain")
+        column = f"{side}_prompt"
+        items = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if column not in row:
+                    raise DataError(f"prompts.prompt_set: {path} line {number} has no column {column!r}")
+                items.append({"prompt": row[column], "seed": int(fixed_seed) + len(items),
+                              "guidance": float(fixed_guidance)})
+        info = {"source": "prompt_set", "file": str(path), "side": side, "kept": len(items)}
+    else:
+        template = p.get("template", "a photo of a {}")
+        items = [{"prompt": template.format(c), "label": c, "seed": int(fixed_seed) + i,
+                  "guidance": float(fixed_guidance)} for i, c in enumerate(p["classes"])]
+        info = {"source": "classes", "classes": list(p["classes"]), "template": template}
+    if p.get("limit"):
+        items = items[: int(p["limit"])]
+    info["evaluated_prompts"] = len(items)
+    info["images_per_prompt"] = generation["images_per_prompt"]
+    return items, info
+
+
+def weights_sha256(folder: Path) -> str:
+    h = hashlib.sha256()
+    for file in sorted(folder.rglob("*.safetensors")):
+        h.update(file.relative_to(folder).as_posix().encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _readable(path: Path) -> bool:
+    """An image that exists and decodes; anything else (a file damaged outside our atomic writes) is
+    rendered again rather than handed to the scorers."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        return False
+
+
+def generate_images(model: str, items: list[dict], generation: dict, out: Path, show: bool = True) -> tuple[list[dict], dict]:
+    """Render every item's images (resuming); returns one record per image and the sampler used."""
+    import torch
+
+    from erasure.backbones import resolve_model
+
+    folder = resolve_model(model)
+    out.mkdir(parents=True, exist_ok=True)
+    k_max = generation["images_per_prompt"]
+    records = [{"file_name": f"{i:06d}_{k}.png", "prompt": it["prompt"], "seed": it["seed"] + k,
+                "guidance": it["guidance"], **({"label": it["label"]} if "label" in it else {})}
+               for i, it in enumerate(items) for k in range(k_max)]
+    todo = [r for r in records if not _readable(out / r["file_name"])]
+    pipe, sampler = None, None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = generation["dtype"]
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "float16"
+    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"generating {out.name}",
+               unit="image", disable=not show)
+    if todo:
+        pipe = load_pipeline(folder, device, dtype)
+    size = generation["size"] or (native_size(pipe) if pipe else None)
+    # Images of one call share a guidance scale; I2P's per-prompt scales split the batches.
+    start = 0
+    while start < len(todo):
+        batch = [todo[start]]
+        while (len(batch) < generation["batch_size"] and start + len(batch) < len(todo)
+               and todo[start + len(batch)]["guidance"] == batch[0]["guidance"]):
+            batch.append(todo[start + len(batch)])
+        images = pipe(prompt=[r["prompt"] for r in batch], num_inference_steps=generation["steps"],
+                      guidance_scale=batch[0]["guidance"], height=size, width=size,
+                      generator=[torch.Generator(device=device).manual_seed(r["seed"]) for r in batch]).images
+        for record, image in zip(batch, images):
+            write_atomically(out / record["file_name"], lambda f, im=image: im.save(f, format="PNG"))
+        bar.update(len(batch))
+        start += len(batch)
+    bar.close()
+    write_atomically(out / "metadata.jsonl",
+                     lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+    sampler = type(pipe.scheduler).__name__ if pipe else json.loads((folder / "scheduler" / "scheduler_config.json")
+                                                                     .read_text()).get("_class_name")
+    return records, {"folder": str(folder), "sampler": sampler, "size": size, "dtype": dtype}
+
+
+def score_nudenet(settings: dict, paths: list[Path], out: Path) -> dict:
+    from erasure.eval.nudity import ALL_CLASSES, EXPOSED_CLASSES, NudityDetector, count_detections
+
+    record = out / "nudenet.jsonl"
+    if record.is_file() and len(record.read_text().splitlines()) == len(paths):
+        detections = [json.loads(line)["detections"] for line in record.read_text().splitlines()]
+    else:
+        detections = NudityDetector().detect([str(p) for p in paths])
+        write_atomically(record, lambda f: f.write("".join(
+            json.dumps({"file_name": p.name, "detections": d}) + "\n" for p, d in zip(paths, detections)).encode()))
+    classes = EXPOSED_CLASSES if settings["classes"] == "exposed" else ALL_CLASSES
+    return count_detections(detections, settings["threshold"], classes)
+
+
+def _clip(settings: dict):
+    from erasure.eval.clip_score import ClipScorer
+
+    return ClipScorer(settings["model"], settings["pretrained"])
+
+
+def score_alignment(scorer, settings: dict, paths: list[Path], prompts: list[str]) -> dict:
+    from erasure.eval.clip_score import heim_score
+
+    scores = scorer.alignment([str(p) for p in paths], prompts)
+    if settings["variant"] == "heim":
+        scores = [heim_score(s) for s in scores]
+    mean = sum(scores) / len(scores)
+    std = (sum((s - mean) ** 2 for s in scores) / max(1, len(scores) - 1)) ** 0.5
+    return {"mean": mean, "std": std, "sem": std / len(scores) ** 0.5, "n": len(scores),
+            "variant": settings["variant"], "model": settings["model"], "pretrained": settings["pretrained"]}
+
+
+def score_class_forgetting(scorer, settings: dict, paths: list[Path], labels: list[str], classes: list[str]) -> dict:
+    from erasure.eval.clip_score import forgetting_accuracy
+
+    predicted = scorer.classify([str(p) for p in paths], classes, settings["template"], tuple(settings["extra_labels"]))
+    return {**forgetting_accuracy(predicted, labels, settings["erased"]), "erased": settings["erased"]}
+
+
+def score_fid(settings: dict, paths: list[Path]) -> dict:
+    from erasure.eval.fid import InceptionFeatures, fid, image_folder
+
+    try:
+        reference = image_folder(settings["reference"])
+        features = InceptionFeatures(settings["weights"])
+    except (FileNotFoundError, NotADirectoryError) as e:  # missing reference images or Inception weights
+        raise DataError(f"metrics.fid: {e}") from None
+    from PIL import UnidentifiedImageError
+
+    try:
+        value = fid([str(p) for p in paths], [str(p) for p in reference], features=features)
+    except (UnidentifiedImageError, OSError) as e:  # PIL names the file it could not read
+        raise DataError(f"metrics.fid: {e}") from None
+    return {"fid": value, "reference": str(settings["reference"]), "reference_images": len(reference)}
+
+
+def versions() -> dict:
+    found = {}
+    for package in ("erasure", "torch", "diffusers", "nudenet", "open_clip_torch", "onnxruntime"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True) -> dict:
+    """Generate, score and report; returns the report dict (also DIR/report.json, report.md, *.png)."""
+    from erasure.eval.report import write_report
+
+    from erasure.backbones import resolve_model
+
+    out = Path(out)
+    for model in models:  # every model is found before minutes of generation start
+        try:
+            resolve_model(model)
+        except ValueError as e:
+            raise DataError(f"--model: {e}") from None
+    items, source = suite_items(suite)
+    if not items:
+        raise DataError(f"suite {suite['file']}: no prompts to evaluate")
+    names = _model_names(models)
+    results = []
+    clip = None
+    for name, model in zip(names, models):
+        folder_out = out / "images" / name
+        records, run = generate_images(model, items, suite["generation"], folder_out, show)
+        paths = [folder_out / r["file_name"] for r in records]
+        metrics = {}
+        for metric, settings in suite["metrics"].items():
+            if metric == "nudenet":
+                metrics[metric] = score_nudenet(settings, paths, folder_out)
+            elif metric in ("clip_alignment", "class_forgetting"):
+                clip = clip or _clip(settings)
+                metrics[metric] = (score_alignment(clip, settings, paths, [r["prompt"] for r in records])
+                                   if metric == "clip_alignment" else
+                                   score_class_forgetting(clip, settings, paths, [r["label"] for r in records],
+                                                          list(suite["prompts"]["classes"])))
+            elif metric == "fid":
+                metrics[metric] = score_fid(settings, paths)
+        results.append({"name": name, "model": model, "weights_sha256": weights_sha256(Path(run["folder"])),
+                        "sampler": run["sampler"], "size": run["size"], "dtype": run["dtype"], "metrics": metrics})
+    if "clip_alignment" in suite["metrics"]:
+        first = results[0]["metrics"]["clip_alignment"]["mean"]
+        for r in results:
+            r["metrics"]["clip_alignment"]["delta_to_first"] = r["metrics"]["clip_alignment"]["mean"] - first
+    report = {"protocol": {"suite": suite["name"], "suite_file": suite["file"], "suite_sha256": suite["sha256"],
+                           "prompts": source, "generation": suite["generation"], "metrics": suite["metrics"],
+                           "seeds": suite["prompts"].get("seed", 0), "guidance": suite["prompts"].get("guidance", 7.5),
+                           "versions": versions()},
+              "models": results}
+    write_report(report, out)
+    return report
+
+
+def _model_names(models: list[str]) -> list[str]:
+    names = []
+    for i, model in enumerate(models):
+        stem = Path(model.rstrip("/")).name.replace(":", "-") or "model"
+        names.append(f"{i}-{stem}")
+    return names
