@@ -127,6 +127,7 @@ def test_eval_two_models_side_by_side_and_resume(small_suite, i2p_file, tiny_sd1
     assert kept.stat().st_mtime_ns == before["000000_0.png"]
     again = json.loads((out / "report.json").read_text())
     assert again["models"][1]["metrics"] == report["models"][1]["metrics"]
+    assert again["models"][0]["size"] == 32 and again["models"][0]["sampler"] == "DDIMScheduler"  # nothing re-rendered
 
     capsys.readouterr()
     cli(["report", str(out), str(out)])

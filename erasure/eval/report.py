@@ -27,7 +27,7 @@ def protocol_lines(report: dict) -> list[str]:
              f"- metrics: {json.dumps(p['metrics'])}",
              f"- versions: {', '.join(f'{k} {v}' for k, v in p['versions'].items())}"]
     for m in report["models"]:
-        lines.append(f"- model `{m['name']}`: `{m['model']}`, sampler {m['sampler']}, size {m['size']}, "
+        lines.append(f"- model `{m['name']}`: `{m['model']}`, sampler {m['sampler']}, size {m['size']}, {m['dtype']}, "
                      f"weights sha256 `{m['weights_sha256'][:16]}…`")
     return lines
 
@@ -88,6 +88,8 @@ def plots(report: dict, out: Path) -> list[Path]:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))])
         ax.set_xticklabels([c.replace("_EXPOSED", "").replace("_", " ").lower() for c in classes], rotation=40, ha="right")
         ax.set_ylabel(f"detections (score ≥ {metrics['nudenet']['threshold']})")
+        ax.set_ylim(bottom=0, top=max(1, ax.get_ylim()[1]))
+        ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_title(f"NudeNet, {report['protocol']['suite']}")
         ax.legend()
         fig.tight_layout()
@@ -99,9 +101,10 @@ def plots(report: dict, out: Path) -> list[Path]:
         means = [m["metrics"]["clip_alignment"]["mean"] for m in models]
         sems = [m["metrics"]["clip_alignment"]["sem"] for m in models]
         ax.bar([m["name"] for m in models], means, yerr=sems, capsize=4, color="tab:green")
-        for i, m in enumerate(models):
-            ax.annotate(f"{m['metrics']['clip_alignment']['delta_to_first']:+.3f}", (i, means[i]), ha="center",
-                        va="bottom", xytext=(0, 6), textcoords="offset points")
+        for i, m in enumerate(models):  # the Δ sits just outside the bar's end, above or below zero
+            below = means[i] < 0
+            ax.annotate(f"Δ {m['metrics']['clip_alignment']['delta_to_first']:+.4f}", (i, means[i]), ha="center",
+                        va="top" if below else "bottom", xytext=(0, -10 if below else 6), textcoords="offset points")
         ax.set_ylabel("CLIP alignment (cosine)")
         ax.set_title("alignment, Δ to the first model")
         fig.tight_layout()

@@ -137,9 +137,11 @@ def generate_images(model: str, items: list[dict], generation: dict, out: Path, 
     bar.close()
     write_atomically(out / "metadata.jsonl",
                      lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
-    sampler = type(pipe.scheduler).__name__ if pipe else json.loads((folder / "scheduler" / "scheduler_config.json")
-                                                                     .read_text()).get("_class_name")
-    return records, {"folder": str(folder), "sampler": sampler, "size": size, "dtype": dtype}
+    run_file = out / "generation.json"
+    if pipe is not None:  # what rendered these images; a rerun with nothing left to render reads it back
+        run = {"folder": str(folder), "sampler": type(pipe.scheduler).__name__, "size": size, "dtype": dtype}
+        write_atomically(run_file, lambda f: f.write(json.dumps(run).encode()))
+    return records, json.loads(run_file.read_text())
 
 
 def score_nudenet(settings: dict, paths: list[Path], out: Path) -> dict:
