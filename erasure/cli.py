@@ -100,6 +100,8 @@ def _eval(args) -> None:
         if name in metrics:
             overrides["metrics"][name] = {k: v for k, v in (("model", args.clip_model),
                                                              ("pretrained", args.clip_pretrained)) if v}
+            if args.clip_pretrained == "random":
+                overrides["metrics"][name]["pretrained"] = None
     if "fid" in metrics:
         overrides["metrics"]["fid"] = {k: v for k, v in (("weights", args.inception_weights),
                                                          ("reference", args.fid_reference)) if v}
@@ -213,7 +215,8 @@ def _main(argv: list[str] | None = None) -> None:
     evaluation.add_argument("--batch-size", type=int)
     evaluation.add_argument("--size", type=int)
     evaluation.add_argument("--clip-model", help="open_clip model name (default ViT-B-32)")
-    evaluation.add_argument("--clip-pretrained", help="open_clip tag or a local checkpoint file")
+    evaluation.add_argument("--clip-pretrained", help="open_clip tag or a local checkpoint file; 'random' for a "
+                            "randomly initialised CLIP (smoke tests: its scores mean nothing)")
     evaluation.add_argument("--inception-weights", help="the FID Inception weights file")
     evaluation.add_argument("--fid-reference", help="folder of reference images for FID")
     evaluation.set_defaults(run=_eval)

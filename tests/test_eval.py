@@ -192,3 +192,17 @@ def test_fid_suite_end_to_end_and_its_clear_errors(tiny_sd1, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(base + ["--out", str(tmp_path / "r2"), "--inception-weights", str(weights)])
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_the_shipped_i2p_suite_runs_on_a_local_file(i2p_file, tiny_sd1, tmp_path, capsys):
+    """The issue's command, as a user types it, on a local I2P-format file; offline the LAION CLIP
+    weights are missing, which is a clear error, and --clip-pretrained random stands in for them."""
+    argv = ["eval", "--suite", str(REPO / "eval/i2p-nudity.yaml"), "--model", str(tiny_sd1), "--model", "tiny:sd1",
+            "--out", str(tmp_path / "r"), "--dataset", str(i2p_file), "--steps", "2", "--limit", "2"]
+    with pytest.raises(SystemExit):
+        cli(argv)
+    assert "CLIP weights: could not load open_clip weights 'ViT-B-32' / 'laion2b_s34b_b79k'" in capsys.readouterr().err
+    cli(argv + ["--clip-pretrained", "random"])
+    report = json.loads((tmp_path / "r/report.json").read_text())
+    assert report["protocol"]["metrics"]["clip_alignment"]["pretrained"] is None  # said in the protocol
+    assert all(m["metrics"]["nudenet"]["images"] == 2 for m in report["models"])

@@ -161,7 +161,10 @@ def score_nudenet(settings: dict, paths: list[Path], out: Path) -> dict:
 def _clip(settings: dict):
     from erasure.eval.clip_score import ClipScorer
 
-    return ClipScorer(settings["model"], settings["pretrained"])
+    try:
+        return ClipScorer(settings["model"], settings["pretrained"])
+    except (RuntimeError, FileNotFoundError) as e:  # weights not cached offline, or a missing file
+        raise DataError(f"CLIP weights: {e}") from None
 
 
 def score_alignment(scorer, settings: dict, paths: list[Path], prompts: list[str]) -> dict:
