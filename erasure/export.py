@@ -19,9 +19,10 @@ CARD_JSON = "erasure.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def versions() -> dict:
+def versions(packages=("erasure", "torch", "diffusers", "transformers", "accelerate", "peft")) -> dict:
+    """Installed versions of `packages`, and the erasure commit when run from a checkout."""
     found = {}
-    for package in ("erasure", "torch", "diffusers", "transformers", "accelerate", "peft"):
+    for package in packages:
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from erasure.eval.weights import read_state_dict
+
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
@@ -58,32 +60,8 @@ def _supported_kwargs(function, **kwargs) -> dict:
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a local checkpoint: safetensors, or a pickle read with weights_only=True only."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint file not found: {path}")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable file
-            raise RuntimeError(f"could not read the safetensors checkpoint {path}: {error}") from error
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - includes the weights_only refusal of pickled code
-            raise RuntimeError(
-                f"could not read the checkpoint {path} with torch.load(weights_only=True) "
-                f"(only plain tensor checkpoints are accepted; .safetensors is preferred): {error}"
-            ) from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RuntimeError(f"checkpoint {path} does not hold a state dict of tensors")
-    if state and all(key.startswith("module.") for key in state):
-        state = {key[len("module.") :]: value for key, value in state.items()}
-    return state
+    """Tensors of a local CLIP checkpoint (see erasure.eval.weights)."""
+    return read_state_dict(path, "CLIP checkpoint")
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -108,28 +108,9 @@ def _resolve_weights(weights) -> Path:
 
 
 def _read_state_dict(path: Path) -> dict:
-    import torch
+    from erasure.eval.weights import read_state_dict
 
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as error:  # noqa: BLE001
-            raise RuntimeError(f"could not read FID Inception weights {path}: {error}") from error
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - includes weights_only's refusal of pickled code
-            raise RuntimeError(
-                f"could not read FID Inception weights {path} with torch.load(weights_only=True) "
-                f"(only plain tensor state dicts are accepted): {error}"
-            ) from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RuntimeError(f"FID Inception weights {path} do not hold a state dict of tensors")
-    return state
+    return read_state_dict(path, "FID Inception weights")
 
 
 def _as_uint8_chw(image) -> np.ndarray:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib import metadata
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -110,7 +109,7 @@ def generate_images(model: str, items: list[dict], generation: dict, out: Path, 
                 "guidance": it["guidance"], **({"label": it["label"]} if "label" in it else {})}
                for i, it in enumerate(items) for k in range(k_max)]
     todo = [r for r in records if not _readable(out / r["file_name"])]
-    pipe, sampler = None, None
+    pipe = None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = generation["dtype"]
     if dtype == "auto":
@@ -204,13 +203,9 @@ def score_fid(settings: dict, paths: list[Path]) -> dict:
 
 
 def versions() -> dict:
-    found = {}
-    for package in ("erasure", "torch", "diffusers", "nudenet", "open_clip_torch", "onnxruntime"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    from erasure.export import versions as installed
+
+    return installed(("erasure", "torch", "diffusers", "nudenet", "open_clip_torch", "onnxruntime"))
 
 
 def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True) -> dict:
