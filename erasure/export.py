@@ -28,10 +28,11 @@ def versions(packages=("erasure", "torch", "diffusers", "transformers", "acceler
         except metadata.PackageNotFoundError:
             pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-        if commit:
-            found["erasure_commit"] = commit
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5)
+        # Outside a checkout git fails but still echoes "HEAD" on stdout: only a real hash counts.
+        if done.returncode == 0 and len(done.stdout.strip()) == 40:
+            found["erasure_commit"] = done.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     return found
