@@ -1,0 +1,186 @@
+"""Procedural renderer for the micro world: captioned 32×32 images of textured shapes.
+
+Everything is numpy (plus PIL-compatible uint8 output) and fully determined by the
+``numpy.random.Generator`` passed in, so a seed reproduces a batch bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+SIZE = 32
+_SS = 2  # supersampling factor per axis (anti-aliased edges)
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": ("circle", "square", "triangle", "diamond", "cross"),
+    "colour": ("red", "green", "blue", "yellow", "purple", "orange"),
+    "background": ("black", "white", "gray", "navy"),
+    "texture": ("plain", "striped", "dotted", "checkered"),
+}
+
+# Base RGB of each shape colour, and the shade its texture is drawn in: a lighter
+# tint for dark hues, a darker shade for bright ones, chosen so that neither the base
+# nor the shade is close to any background.
+_COLOURS = {
+    "red": (215, 35, 35),
+    "green": (40, 180, 50),
+    "blue": (45, 95, 235),
+    "yellow": (235, 215, 35),
+    "purple": (150, 45, 195),
+    "orange": (245, 135, 20),
+}
+_SHADE = {  # (mix target, amount): shade = base + amount * (target - base)
+    "red": (255, 0.55),
+    "green": (0, 0.55),
+    "blue": (255, 0.55),
+    "yellow": (0, 0.50),
+    "purple": (255, 0.55),
+    "orange": (0, 0.50),
+}
+_BACKGROUNDS = {
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "navy": (15, 20, 85),
+}
+_JITTER = 10  # max per-channel colour jitter
+_NOISE = 2.0  # pixel noise std
+
+
+def sample_attributes(rng: np.random.Generator) -> dict[str, str]:
+    """One uniformly random attribute combination (every combination is valid)."""
+    return {key: values[int(rng.integers(len(values)))] for key, values in ATTRIBUTES.items()}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(attrs: dict[str, str]) -> str:
+    """``"a red striped circle on a black background"``; the plain texture is left out."""
+    _check(attrs)
+    words = [attrs["colour"]]
+    if attrs["texture"] != "plain":
+        words.append(attrs["texture"])
+    words.append(attrs["shape"])
+    return f"{_article(words[0])} {' '.join(words)} on {_article(attrs['background'])} {attrs['background']} background"
+
+
+def _alt(key: str) -> str:
+    return "|".join(sorted(ATTRIBUTES[key], key=len, reverse=True))
+
+
+_TEXTURES_NOT_PLAIN = "|".join(t for t in ATTRIBUTES["texture"] if t != "plain")
+_CAPTION_RE = re.compile(
+    rf"an? (?P<colour>{_alt('colour')}) (?:(?P<texture>{_TEXTURES_NOT_PLAIN}) )?"
+    rf"(?P<shape>{_alt('shape')}) on an? (?P<background>{_alt('background')}) background"
+)
+
+
+def parse_caption(text: str) -> dict[str, str]:
+    """Inverse of :func:`caption` (case and a trailing full stop are forgiven)."""
+    if not isinstance(text, str):
+        raise ValueError(f"not a micro-world caption: {text!r}")
+    norm = " ".join(text.strip().lower().rstrip(".").split())
+    match = _CAPTION_RE.fullmatch(norm)
+    if match is None:
+        raise ValueError(
+            f"not a micro-world caption: {text!r} (expected e.g. 'a red striped circle on a black background')"
+        )
+    out = match.groupdict()
+    out["texture"] = out["texture"] or "plain"
+    return {key: out[key] for key in ATTRIBUTES}
+
+
+def _check(attrs: dict[str, str]) -> None:
+    for key, values in ATTRIBUTES.items():
+        if key not in attrs:
+            raise ValueError(f"attributes lack {key!r}: {attrs!r}")
+        if attrs[key] not in values:
+            raise ValueError(f"unknown {key} {attrs[key]!r}; choose from {values}")
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    ax, ay = np.abs(dx), np.abs(dy)
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return np.maximum(ax, ay) <= r * 0.85
+    if shape == "diamond":
+        return ax + ay <= r
+    if shape == "cross":
+        arm = r * 0.36
+        return ((ax <= arm) & (ay <= r)) | ((ay <= arm) & (ax <= r))
+    if shape == "triangle":  # upward-pointing, apex at top (image y grows downward)
+        top, bottom = -r, r * 0.8
+        half_width = r * (dy - top) / (bottom - top)
+        return (dy >= top) & (dy <= bottom) & (ax <= half_width)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _texture_mask(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    if texture == "plain":
+        return None
+    if texture == "striped":
+        theta = rng.uniform(0, np.pi)
+        period = rng.uniform(5.0, 7.0)
+        phase = rng.uniform(0, period)
+        u = x * np.cos(theta) + y * np.sin(theta) + phase
+        return np.mod(u, period) < period / 2
+    if texture == "dotted":
+        period = rng.uniform(5.0, 6.0)
+        ox, oy = rng.uniform(0, period, size=2)
+        radius = period * 0.26
+        px = np.mod(x + ox, period) - period / 2
+        py = np.mod(y + oy, period) - period / 2
+        return px * px + py * py <= radius * radius
+    if texture == "checkered":
+        cell = rng.uniform(3.2, 4.2)
+        ox, oy = rng.uniform(0, 2 * cell, size=2)
+        return (np.floor((x + ox) / cell) + np.floor((y + oy) / cell)) % 2 == 0
+    raise ValueError(f"unknown texture {texture!r}")
+
+
+def _jitter(rgb, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(np.asarray(rgb, dtype=np.float64) + rng.uniform(-_JITTER, _JITTER, size=3), 0, 255)
+
+
+# sub-pixel sample coordinates, in pixel units
+_SUB = (np.arange(SIZE * _SS) + 0.5) / _SS
+_YY, _XX = np.meshgrid(_SUB, _SUB, indexing="ij")
+
+
+def render(attrs: dict[str, str], rng: np.random.Generator) -> np.ndarray:
+    """A ``SIZE×SIZE×3`` uint8 image of ``attrs``; size, position and pattern phase come from ``rng``."""
+    _check(attrs)
+    span = rng.uniform(0.45, 0.8) * SIZE  # bounding-box width of the shape
+    r = span / 2
+    cx = rng.uniform(r + 0.5, SIZE - r - 0.5)
+    cy = rng.uniform(r + 0.5, SIZE - r - 0.5)
+    inside = _shape_mask(attrs["shape"], _XX - cx, _YY - cy, r)
+
+    base = _jitter(_COLOURS[attrs["colour"]], rng)
+    target, amount = _SHADE[attrs["colour"]]
+    shade = np.clip(base + amount * (target - base), 0, 255)
+    background = _jitter(_BACKGROUNDS[attrs["background"]], rng)
+
+    pattern = _texture_mask(attrs["texture"], _XX, _YY, rng)
+    fill = np.broadcast_to(base, inside.shape + (3,))
+    if pattern is not None:
+        fill = np.where(pattern[..., None], shade, base)
+    sub = np.where(inside[..., None], fill, background)
+    img = sub.reshape(SIZE, _SS, SIZE, _SS, 3).mean(axis=(1, 3))
+    img = img + rng.normal(0.0, _NOISE, size=img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def render_batch(n: int, seed: int) -> tuple[list[dict[str, str]], np.ndarray]:
+    """``n`` random attribute dicts and their ``n×SIZE×SIZE×3`` uint8 renders, deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    attrs = [sample_attributes(rng) for _ in range(n)]
+    images = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
+    for i, a in enumerate(attrs):
+        images[i] = render(a, rng)
+    return attrs, images
