@@ -298,19 +298,26 @@ def _check_types(config: TrainConfig) -> None:
         setattr(config, name, _coerce(name, getattr(config, name)))
 
 
-def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
-    """Read a recipe YAML, following `include:`; returns raw key → value, validated keys."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str, error: type[ValueError], seen: tuple = ()) -> dict:
+    """A YAML file that must hold a mapping (a recipe, an eval suite); `seen` are the files that
+    include it, to stop include cycles. Errors are `error`s naming `what` and the file."""
     if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
-    if path.resolve() in _seen:
-        raise RecipeError(f"recipe {path}: include cycle through {[str(p) for p in _seen]}")
+        raise error(f"{what} {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise error(f"{what} {path}: include cycle through {[str(p) for p in seen]}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path}: not valid YAML: {e}") from None
+        raise error(f"{what} {path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe {path}: expected a mapping of keys to values")
+        raise error(f"{what} {path}: expected a mapping of keys to values")
+    return data
+
+
+def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a recipe YAML, following `include:`; returns raw key → value, validated keys."""
+    path = Path(path)
+    data = read_yaml_mapping(path, "recipe", RecipeError, _seen)
     merged = {}
     include = data.pop("include", None)
     if include is not None:

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 
-import torch
 from diffusers import DiffusionPipeline
 
 from conftest import REPO, RECIPES, read_weights, run_recipe

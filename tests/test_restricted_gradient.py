@@ -64,7 +64,7 @@ def test_quadratic_losses_both_decrease_after_a_small_step():
 
 
 def test_zero_norms_are_guarded():
-    zero, g = torch.zeros(4), torch.tensor([1.0, -2.0, 0.0, 3.0])
+    g = torch.tensor([1.0, -2.0, 0.0, 3.0])
     assert restricted_gradient_coefficients(0.0, 0.0, float(g @ g)) == ((1.0, 0.0), (0.0, 1.0))
     # round-off can make d slightly negative while a norm is 0: no division by zero
     (a, b), (c, d) = restricted_gradient_coefficients(-1e-30, 0.0, 0.0)

@@ -25,9 +25,6 @@ from tqdm.auto import tqdm
 from erasure.data.generate import load_pipeline, native_size, write_atomically
 from erasure.data.paired import DataError
 
-HIGHER_IS_BETTER = {"clip_alignment": True, "UA": True, "RA": True, "share_with_any": False, "fid": False,
-                    "detections": False}
-
 
 def suite_items(suite: dict) -> tuple[list[dict], dict]:
     """The prompts to render: [{prompt, seed, guidance, label?}], and a description of the source."""

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
+from erasure.config import read_yaml_mapping
 
 # Each metric: what it reads, whether higher is better, how it aggregates (next to its definition
 # in erasure.eval.runner).
@@ -42,16 +42,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _read(path: Path, seen: tuple = ()) -> dict:
-    if not path.is_file():
-        raise SuiteError(f"suite {str(path)!r} does not exist")
-    if path.resolve() in seen:
-        raise SuiteError(f"suite {path}: include cycle")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SuiteError(f"suite {path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SuiteError(f"suite {path}: expected a mapping")
+    raw = read_yaml_mapping(path, "suite", SuiteError, seen)
     unknown = set(raw) - TOP_KEYS
     if unknown:
         raise SuiteError(f"suite {path}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(TOP_KEYS))}")

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 from erasure.prompts.spec import ConceptSpec, SpecError, template_fields
@@ -136,6 +137,14 @@ def sentence_model_folder() -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+@lru_cache(maxsize=1)
+def _sentence_model(folder: str):
+    """Loaded once per process: a build scores its train and its test split."""
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+
+
 def mean_pairwise_embedding_distance(prompts: list[str], sample: int = 300) -> float | None:
     """Mean cosine distance between the sentence embeddings of (up to `sample`) prompts.
 
@@ -144,10 +153,9 @@ def mean_pairwise_embedding_distance(prompts: list[str], sample: int = 300) -> f
     if folder is None or len(prompts) < 2:
         return None
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
     chosen = prompts[:sample]
-    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    tokenizer, model = _sentence_model(str(folder))
     with torch.no_grad():
         batch = tokenizer(chosen, padding=True, truncation=True, return_tensors="pt")
         states = model(**batch).last_hidden_state
