@@ -58,10 +58,52 @@ def clip_bpe() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def clip_tokenizer(max_length: int = CLIP_MAX_LENGTH):
+def _merges_applied(word: str, ranks: dict[tuple[str, str], int]) -> set[tuple[str, str]]:
+    """The merges CLIP's BPE applies to one lower-case word (lowest rank first, until none applies)."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    used = set()
+    while len(parts) > 1:
+        pairs = {(a, b) for a, b in zip(parts, parts[1:]) if (a, b) in ranks}
+        if not pairs:
+            break
+        best = min(pairs, key=ranks.__getitem__)
+        used.add(best)
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return used
+
+
+def clip_bpe_subset(words) -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary cut down to the 512 byte symbols, the merges ``words`` need, and the specials.
+
+    ``words`` tokenize exactly as with the full vocabulary; any other text still tokenizes (into
+    smaller pieces, down to bytes). The micro world speaks only its captions, and a 49,408-row
+    embedding table would be most of its size.
+    """
+    _, merges = clip_bpe()
+    ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+    needed = set()
+    for word in words:
+        needed |= _merges_applied(word.lower(), ranks)
+    kept = [m for m in merges if tuple(m.split()) in needed]
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in kept]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, kept
+
+
+def clip_tokenizer(max_length: int = CLIP_MAX_LENGTH, words=None):
+    """CLIP's tokenizer; with ``words``, over the cut-down vocabulary of :func:`clip_bpe_subset`."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = clip_bpe()
+    vocab, merges = clip_bpe() if words is None else clip_bpe_subset(words)
     tok = CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges])
     tok.model_max_length = max_length
     return tok

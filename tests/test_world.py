@@ -95,10 +95,10 @@ def test_short_oracle_training_beats_chance_and_round_trips(tmp_path):
     torch.manual_seed(0)
     oracle = train_oracle(steps=400, batch_size=64, seed=0, show_progress=False)
     acc = accuracy(oracle, n=500, seed=7)
-    # measured at 300 steps × 64: shape 0.50 (chance 0.2; shape is learnt last), texture 0.89, colour and
-    # background 1.0; the thresholds leave a wide margin yet stay far above chance
+    # measured at 400 steps × 64 (half the renders blurred): shape 0.38 (chance 0.2; shape is learnt
+    # last), texture 0.80, colour and background 1.0; the floors stay far above chance on 500 renders
     for key, values in ATTRIBUTES.items():
-        floor = 0.4 if key == "shape" else 0.6
+        floor = 0.3 if key == "shape" else 0.6
         assert acc[key] > max(floor, 2.0 / len(values)), acc
 
     attrs, images = render_batch(32, seed=11)

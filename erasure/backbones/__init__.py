@@ -25,7 +25,8 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str, revision: str | None = None) -> Path:
-    """A local folder holding the pipeline: tiny:* fixtures are built, hub ids are downloaded
+    """A local folder holding the pipeline: tiny:* fixtures are built, world:micro is the micro world
+    shipped with the package, hub ids are downloaded
     (or found in the hub cache; HF_TOKEN is read by huggingface_hub from the environment)."""
     if model.startswith("tiny:"):
         from erasure.tiny import TINY_BUILDERS, build_atomically
@@ -34,6 +35,10 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
         if name not in TINY_BUILDERS:
             raise ValueError(f"model: {model!r}; tiny fixtures are {', '.join('tiny:' + n for n in TINY_BUILDERS)}")
         return build_atomically(cache_dir() / "tiny" / name, TINY_BUILDERS[name])
+    if model.startswith("world:"):
+        from erasure.world.model import world_path
+
+        return world_path(model)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -121,23 +121,25 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
 
 
 def _texture_mask(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    # Periods of 7–9 px (2–4 per shape, 3.5–4.5 latent px): finer patterns (5–6 px) survived the
+    # f = 2 VAE but a world model trained in 30 CPU minutes drew checks and dots as smeared stripes.
     if texture == "plain":
         return None
     if texture == "striped":
         theta = rng.uniform(0, np.pi)
-        period = rng.uniform(5.0, 7.0)
+        period = rng.uniform(7.0, 9.0)
         phase = rng.uniform(0, period)
         u = x * np.cos(theta) + y * np.sin(theta) + phase
         return np.mod(u, period) < period / 2
     if texture == "dotted":
-        period = rng.uniform(5.0, 6.0)
+        period = rng.uniform(7.0, 8.0)
         ox, oy = rng.uniform(0, period, size=2)
-        radius = period * 0.26
+        radius = period * 0.28
         px = np.mod(x + ox, period) - period / 2
         py = np.mod(y + oy, period) - period / 2
         return px * px + py * py <= radius * radius
     if texture == "checkered":
-        cell = rng.uniform(3.2, 4.2)
+        cell = rng.uniform(4.5, 5.5)
         ox, oy = rng.uniform(0, 2 * cell, size=2)
         return (np.floor((x + ox) / cell) + np.floor((y + oy) / cell)) % 2 == 0
     raise ValueError(f"unknown texture {texture!r}")

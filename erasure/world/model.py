@@ -1,0 +1,498 @@
+"""The micro-world model: a tiny SD 1.x-format text-to-image pipeline trained on rendered captions.
+
+``build_world`` runs four stages, each with a progress bar:
+
+1. the oracle (``oracle.train_oracle``),
+2. an AutoencoderKL (f = 2: 3×32×32 images ↔ 4×16×16 latents), trained for reconstruction,
+3. a CLIPTextModel and a UNet2DConditionModel trained jointly with the DDPM noise-prediction loss
+   on captions of the *training* combinations, with caption dropout so classifier-free guidance
+   works, Min-SNR-γ loss weights (Hang et al. 2023, eq. 10 for ε-prediction) and an EMA of the
+   weights;
+4. the quality bar: images sampled with the world's own scheduler for caption combinations held
+   out of training, read back by the oracle.
+
+Why not SD's noise schedule: SD's ``scaled_linear`` betas (0.00085 → 0.012) leave
+ᾱ_T ≈ 0.0047 — a signal-to-noise ratio that is harmless at 64×64 latents but leaves the coarse
+layout of a 16×16 latent visible at t = T (Chen 2023, "On the importance of noise scheduling";
+Hoogeboom et al. 2023). The world uses the original DDPM ``linear`` schedule (1e-4 → 0.02,
+ᾱ_T ≈ 4e-5), which was designed for 32×32 images, and samples with DPM-Solver++ (2M) from
+t = T ("trailing" spacing, Lin et al. 2024) so that a few steps suffice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .oracle import Oracle, load_oracle, save_oracle, to_tensor, train_oracle
+from .render import ATTRIBUTES, SIZE, caption, render
+
+SHIPPED = Path(__file__).parent / "micro"  # `erasure world build --out erasure/world/micro` made it
+WORLD_FILE = "world.json"
+ORACLE_DIR = "oracle"
+TOKEN_LENGTH = 16  # the longest caption is 10 tokens with <bos>/<eos>
+
+
+@dataclass
+class WorldRecipe:
+    """Everything that determines a world; ``erasure world build`` records it in ``world.json``."""
+
+    seed: int = 0
+    held_out: int = 48  # caption combinations never shown in training (10 % of 480)
+    oracle_steps: int = 1500
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
+    vae_lr: float = 5e-3
+    vae_kl_weight: float = 1e-6  # SD's VAE: a KL term only to keep the latent scale sane
+    vae_channels: tuple[int, ...] = (16, 32)
+    text_hidden: int = 64
+    text_layers: int = 2
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    # Cross-attention per resolution (16, 8, 4 latent px). None at 16×16: self-attention over 256
+    # tokens doubled the step time and bought nothing measurable.
+    unet_attention: tuple[bool, ...] = (False, True, True)
+    unet_mid_attention: bool = True
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.9995
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sample_steps: int = 20
+    guidance_scale: float = 3.0
+    quality_per_combo: int = 5
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WorldRecipe":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown world recipe keys {unknown}; known: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+def world_path(model: str = "world:micro") -> Path:
+    """The folder behind a ``world:`` model id (only ``world:micro``, the shipped world, exists)."""
+    if model != "world:micro":
+        raise ValueError(f"model: {model!r}; the shipped micro world is 'world:micro'")
+    if not (SHIPPED / "model_index.json").is_file():
+        raise ValueError(f"model: world:micro is missing from this installation ({SHIPPED}); "
+                         "rebuild it with `erasure world build --out " + str(SHIPPED) + "`")
+    return SHIPPED
+
+
+def world_oracle(folder) -> Oracle:
+    """The oracle a world folder carries (``oracle/``), or the shipped world's."""
+    folder = Path(folder)
+    return load_oracle(folder / ORACLE_DIR if (folder / ORACLE_DIR).is_dir() else world_path() / ORACLE_DIR)
+
+
+def all_combinations() -> list[dict[str, str]]:
+    """Every attribute combination, in a fixed order."""
+    combos = [{}]
+    for key, values in ATTRIBUTES.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
+def split_combinations(seed: int, held_out: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) combinations; every attribute value stays in the training half."""
+    combos = all_combinations()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(combos))
+    held = sorted(int(i) for i in order[:held_out])
+    train = [c for i, c in enumerate(combos) if i not in set(held)]
+    for key, values in ATTRIBUTES.items():
+        missing = set(values) - {c[key] for c in train}
+        if missing:  # cannot happen for held_out ≤ 10 %, but say so if someone asks for more
+            raise ValueError(f"held_out={held_out} removes every training caption with {key} {sorted(missing)}")
+    return train, [combos[i] for i in held]
+
+
+def world_words() -> list[str]:
+    """Every word of every caption (the world's whole language)."""
+    words = {"a", "an", "on", "background"}
+    for values in ATTRIBUTES.values():
+        words.update(values)
+    return sorted(words)
+
+
+def world_tokenizer():
+    from ..tiny import clip_tokenizer
+
+    return clip_tokenizer(max_length=TOKEN_LENGTH, words=world_words())
+
+
+def new_text_encoder(recipe: WorldRecipe):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = world_tokenizer()
+    heads = max(1, recipe.text_hidden // 16)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.text_hidden,
+        intermediate_size=4 * recipe.text_hidden,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=heads,
+        max_position_embeddings=TOKEN_LENGTH,
+        projection_dim=recipe.text_hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
+    return CLIPTextModel(config)
+
+
+def new_vae(recipe: WorldRecipe):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=tuple(recipe.vae_channels),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(recipe.vae_channels),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def new_unet(recipe: WorldRecipe):
+    from diffusers import UNet2DConditionModel
+
+    kinds = list(recipe.unet_attention)
+    if len(kinds) != len(recipe.unet_channels):
+        raise ValueError("unet_attention needs one flag per unet_channels entry")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in kinds)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(kinds))
+    return UNet2DConditionModel(
+        sample_size=SIZE // 2 ** (len(recipe.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(recipe.unet_channels),
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=1,
+        cross_attention_dim=recipe.text_hidden,
+        mid_block_type="UNetMidBlock2DCrossAttn" if recipe.unet_mid_attention else "UNetMidBlock2D",
+        # diffusers reads attention_head_dim as the number of heads here: 32 channels per head.
+        attention_head_dim=tuple(max(1, c // 32) for c in recipe.unet_channels),
+        norm_num_groups=16,
+    )
+
+
+def noise_schedulers(recipe: WorldRecipe):
+    """(training DDPM scheduler, the world's sampler) sharing one beta schedule."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    betas = dict(
+        num_train_timesteps=1000,
+        beta_start=recipe.beta_start,
+        beta_end=recipe.beta_end,
+        beta_schedule=recipe.beta_schedule,
+        prediction_type="epsilon",
+        steps_offset=1,
+    )
+    train = DDPMScheduler(**betas, clip_sample=False)
+    sample = DPMSolverMultistepScheduler(
+        **betas, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+    )
+    return train, sample
+
+
+def _images(attrs: list[dict], seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    arr = np.stack([render(a, rng) for a in attrs])
+    return to_tensor(arr) * 2 - 1
+
+
+def _batch_seeds(seed: int, stage: int, steps: int) -> np.ndarray:
+    return np.random.SeedSequence([seed, stage]).generate_state(max(steps, 1), dtype=np.uint64)
+
+
+def train_vae(recipe: WorldRecipe, train_combos: list[dict], show_progress: bool = True, device="cpu"):
+    """Reconstruction + a tiny KL term; the scaling factor makes latents unit-variance, as SD's 0.18215 does."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(recipe.seed)
+    vae = new_vae(recipe).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    sched = _warmup_cosine(opt, recipe.vae_steps, max(1, recipe.vae_steps // 10))
+    seeds = _batch_seeds(recipe.seed, 1, recipe.vae_steps)
+    bar = tqdm(range(recipe.vae_steps), desc="vae", disable=not show_progress)
+    for step in bar:
+        rng = np.random.default_rng(int(seeds[step]))
+        attrs = [train_combos[i] for i in rng.integers(len(train_combos), size=recipe.vae_batch_size)]
+        x = _images(attrs, int(seeds[step]) + 1).to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + recipe.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 10 == 0 or step == recipe.vae_steps - 1:
+            bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        x = _images([train_combos[i % len(train_combos)] for i in range(512)], recipe.seed + 7).to(device)
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae
+
+
+def _warmup_cosine(opt, steps: int, warmup: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10 % of the peak."""
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class _Ema:
+    """Exponential moving average of parameters, with the usual (1 + n) / (10 + n) warm-up."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_params(self):
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ for ε-prediction (Hang et al. 2023, eq. 10): w_t = min(SNR_t, γ) / SNR_t."""
+    abar = alphas_cumprod[timesteps]
+    snr = abar / (1 - abar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_diffusion(recipe: WorldRecipe, vae, train_combos: list[dict], show_progress: bool = True, device="cpu"):
+    """Joint text encoder + UNet training; returns (text_encoder, unet) holding the EMA weights."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(recipe.seed + 2)
+    tokenizer = world_tokenizer()
+    text_encoder = new_text_encoder(recipe).to(device).train()
+    unet = new_unet(recipe).to(device).train()
+    train_sched, _ = noise_schedulers(recipe)
+    alphas_cumprod = train_sched.alphas_cumprod.to(device)
+
+    captions = [caption(c) for c in train_combos] + [""]
+    ids = tokenizer(captions, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    empty = len(captions) - 1
+
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+    sched = _warmup_cosine(opt, recipe.steps, recipe.warmup_steps)
+    ema = _Ema(params, recipe.ema_decay)
+    seeds = _batch_seeds(recipe.seed, 2, recipe.steps)
+    bar = tqdm(range(recipe.steps), desc="world", disable=not show_progress)
+    smooth = None
+    for step in bar:
+        rng = np.random.default_rng(int(seeds[step]))
+        which = rng.integers(len(train_combos), size=recipe.batch_size)
+        x = _images([train_combos[i] for i in which], int(seeds[step]) + 1).to(device)
+        drop = rng.random(recipe.batch_size) < recipe.caption_dropout
+        which = np.where(drop, empty, which)
+        gen = torch.Generator().manual_seed(int(seeds[step]) % 2**63)
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            eps_post = torch.randn(posterior.mean.shape, generator=gen).to(device)
+            latents = (posterior.mean + posterior.std * eps_post) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, train_sched.config.num_train_timesteps, (recipe.batch_size,), generator=gen).to(device)
+        noisy = train_sched.add_noise(latents, noise, t)
+        cond = text_encoder(ids[torch.from_numpy(which).to(device)])[0]
+        pred = unet(noisy, t, cond).sample
+        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weight(alphas_cumprod, t, recipe.min_snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update()
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        if step % 10 == 0 or step == recipe.steps - 1:
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+    ema.copy_to_params()
+    return text_encoder.eval(), unet.eval()
+
+
+def assemble_pipeline(recipe: WorldRecipe, vae, text_encoder, unet):
+    from diffusers import StableDiffusionPipeline
+
+    _, sampler = noise_schedulers(recipe)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=world_tokenizer(),
+        unet=unet,
+        scheduler=sampler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float, batch_size: int = 64) -> np.ndarray:
+    """uint8 N×32×32×3 images for ``prompts``, each from its own seeded generator (batch-size independent)."""
+    out = []
+    device = pipe.device
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        latents = torch.stack([
+            torch.randn(pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size,
+                        generator=g) for g in gens
+        ]).to(device, pipe.unet.dtype)
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
+                      output_type="np", height=SIZE, width=SIZE).images
+        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, SIZE, SIZE, 3), np.uint8)
+
+
+def read_back(oracle: Oracle, images: np.ndarray, attrs: list[dict]) -> dict[str, float]:
+    """Share of images whose prompted value the oracle reads back, per attribute."""
+    preds = oracle.predict(images)
+    return {k: float(np.mean([p[k] == a[k] for p, a in zip(preds, attrs)])) for k in ATTRIBUTES}
+
+
+def quality(pipe, oracle: Oracle, combos: list[dict], recipe: WorldRecipe, seed: int = 1000,
+            steps: int | None = None, guidance_scale: float | None = None) -> dict[str, float]:
+    """Oracle read-back on ``recipe.quality_per_combo`` samples of each combination."""
+    attrs = [c for c in combos for _ in range(recipe.quality_per_combo)]
+    images = sample(pipe, [caption(a) for a in attrs], seed,
+                    steps or recipe.sample_steps,
+                    recipe.guidance_scale if guidance_scale is None else guidance_scale)
+    return read_back(oracle, images, attrs)
+
+
+def _grid(images: np.ndarray, columns: int) -> np.ndarray:
+    rows = -(-len(images) // columns)
+    pad = rows * columns - len(images)
+    if pad:
+        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+    return images.reshape(rows, columns, SIZE, SIZE, 3).transpose(0, 2, 1, 3, 4).reshape(rows * SIZE, columns * SIZE, 3)
+
+
+def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = True, device: str = "cpu",
+                log=print) -> dict:
+    """Train the oracle, the VAE and the world model; write a complete pipeline folder to ``out``.
+
+    The folder is written next to ``out`` and renamed into place at the end, so an interrupted
+    build leaves no half-written world. Returns the record also written to ``world.json``.
+    """
+    import shutil
+
+    from PIL import Image
+
+    from ..export import versions
+
+    recipe = recipe or WorldRecipe()
+    out = Path(out)
+    train_combos, held = split_combinations(recipe.seed, recipe.held_out)
+    timings = {}
+
+    start = time.perf_counter()
+    oracle = train_oracle(recipe.oracle_steps, seed=recipe.seed, show_progress=show_progress)
+    timings["oracle_s"] = time.perf_counter() - start
+    from .oracle import accuracy
+
+    oracle_accuracy = accuracy(oracle)
+    log("oracle on fresh renders: " + ", ".join(f"{k} {v:.3f}" for k, v in oracle_accuracy.items()))
+
+    start = time.perf_counter()
+    vae = train_vae(recipe, train_combos, show_progress=show_progress, device=device)
+    timings["vae_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    text_encoder, unet = train_diffusion(recipe, vae, train_combos, show_progress=show_progress, device=device)
+    timings["world_s"] = time.perf_counter() - start
+
+    pipe = assemble_pipeline(recipe, vae, text_encoder, unet)
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    attrs = [c for c in held for _ in range(recipe.quality_per_combo)]
+    images = []
+    bar_prompts = [caption(a) for a in attrs]
+    from tqdm.auto import tqdm
+
+    for first in tqdm(range(0, len(attrs), 48), desc="quality", disable=not show_progress):
+        images.append(sample(pipe, bar_prompts[first : first + 48], 1000 + first, recipe.sample_steps,
+                             recipe.guidance_scale))
+    images = np.concatenate(images)
+    held_quality = read_back(oracle, images, attrs)
+    timings["quality_s"] = time.perf_counter() - start
+
+    record = {
+        "kind": "erasure micro world",
+        "recipe": dataclasses.asdict(recipe),
+        "sampler": {"scheduler": type(pipe.scheduler).__name__, "num_inference_steps": recipe.sample_steps,
+                    "guidance_scale": recipe.guidance_scale},
+        "held_out_captions": [caption(c) for c in held],
+        "quality_held_out": held_quality,
+        "quality_bar": 0.9,
+        "oracle_accuracy": oracle_accuracy,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "versions": versions(),
+    }
+
+    def write(tmp: Path):
+        # fp16 on disk, except the text encoder (0.5 MB in fp32): transformers 5 loads weights in
+        # their saved dtype while diffusers loads in fp32, and a plain from_pretrained must sample.
+        pipe.unet.to(torch.float16)
+        pipe.vae.to(torch.float16)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.unet.to(torch.float32)
+        pipe.vae.to(torch.float32)
+        save_oracle(oracle.half(), tmp / ORACLE_DIR)
+        Image.fromarray(_grid(images[: 8 * 12], 12)).resize((12 * SIZE * 3, 8 * SIZE * 3), Image.NEAREST).save(
+            tmp / "held_out_samples.png")
+        (tmp / WORLD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return record
