@@ -56,7 +56,8 @@ def _help(text: str, **extra) -> dict:
 class TrainConfig:
     # What to erase, from what.
     model: str = field(default="", metadata=_help(
-        "Base pipeline: a hub id, a local folder, or tiny:sd1 / tiny:sd3 (built on first use)."))
+        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sd3 (built on first use) or "
+        "world:micro (the shipped micro world)."))
     revision: str | None = field(default=None, metadata=_help("Hub revision of the base model."))
     method: str = field(default="", metadata=_help("One of: " + ", ".join(METHODS), choices=METHODS))
     concept: str = field(default="", metadata=_help(
@@ -73,7 +74,8 @@ class TrainConfig:
     # Data.
     forget_data: str | None = field(default=None, metadata=_help(
         "Forget set D_f: a folder with metadata.jsonl (datasets imagefolder), a parquet file or "
-        "folder, a hub dataset id, or tiny:forget."))
+        "folder, a hub dataset id, tiny:forget, or a micro-world set such as world:striped/forget "
+        "(built on first use)."))
     retain_data: str | None = field(default=None, metadata=_help("Retain set D_r, same forms."))
     prompt_column: str = field(default="prompt", metadata=_help("Column holding the prompt."))
     image_column: str = field(default="image", metadata=_help("Column holding the image."))
@@ -232,6 +234,14 @@ def check_data_source(key: str, value: str) -> None:
     if value.startswith(TINY_DATA):
         if value not in ("tiny:forget", "tiny:retain"):
             raise RecipeError(f"{key}: {value!r}; the built-in tiny sets are tiny:forget and tiny:retain")
+        return
+    if value.startswith("world:"):
+        from erasure.world.data import parse_source
+
+        try:
+            parse_source(value)
+        except ValueError as e:
+            raise RecipeError(f"{key}: {e}") from None
         return
     path = Path(value).expanduser()
     if path.exists():

@@ -1,4 +1,4 @@
-"""The commands users type: accelerate launch erasure/train.py, erasure tiny, erasure demo."""
+"""The commands users type: accelerate launch erasure/train.py, erasure tiny, erasure demo, erasure bench."""
 
 import json
 import os
@@ -9,6 +9,9 @@ import pytest
 from diffusers import DiffusionPipeline
 
 from conftest import REPO, RECIPES
+
+WORLD = REPO / "erasure" / "world" / "micro"
+DEMO_STEPS = 30
 
 
 def test_accelerate_launch_train_py_with_a_tiny_recipe_on_a_fresh_cache(tmp_path):
@@ -35,14 +38,23 @@ def test_erasure_tiny_writes_a_loadable_pipeline(family, cls, tmp_path):
     assert not list((tmp_path / family).glob("**/*.bin"))
 
 
-def test_demo_erases_exports_reloads_and_generates(tmp_path, capsys):
+@pytest.mark.skipif(not (WORLD / "model_index.json").is_file(), reason="no shipped world")
+def test_demo_erases_striped_from_the_world_and_reloads(tmp_path, capsys):
+    """A short RGD run moves UA on striped captions well beyond what sampling noise could."""
     from erasure.cli import main
 
-    main(["demo", "--out", str(tmp_path / "demo")])
+    main(["demo", "--out", str(tmp_path / "demo"), "--steps", str(DEMO_STEPS), "--limit", "96"])
     printed = capsys.readouterr().out
     assert "where everything went" in printed and str(tmp_path / "demo") in printed
-    assert (tmp_path / "demo" / "sample.png").stat().st_size > 0
+    assert "Micro world (erased: texture 'striped'" in printed
+    assert (tmp_path / "demo" / "samples.png").stat().st_size > 0
     assert json.loads((tmp_path / "demo" / "erasure.json").read_text())["method"] == "rgd"
+    report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
+    base, erased = (m["metrics"]["micro_world"] for m in report["models"])
+    assert base["forget_images"] == 24
+    # 24 forget images: base UA is a few percent; a rise of ≥ 0.5 is ≥ 12 more images that lost
+    # their stripes, far outside seed noise.
+    assert erased["UA"] >= base["UA"] + 0.5, (base, erased)
 
 
 def test_train_help_lists_every_recipe_key():
@@ -75,3 +87,30 @@ def test_bad_input_is_one_clear_line_with_status_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "erasure.cli", "prompts", "build", str(spec), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "uses {mood}, but there is no dimension 'mood'" in done.stderr
+
+
+@pytest.mark.skipif(not (WORLD / "model_index.json").is_file(), reason="no shipped world")
+def test_bench_micro_runs_every_named_method_on_a_reduced_budget(tmp_path, capsys):
+    from erasure.cli import main
+
+    out = tmp_path / "bench"
+    # striped, like the demo test: the session's cache then draws the world's pair set once
+    main(["bench", "micro", "--concept", "striped", "--methods", "finetune", "rgd", "--steps", "2",
+          "--limit", "20", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| method | UA" in printed and "| rgd |" in printed and "| base |" in printed
+    result = json.loads((out / "bench.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["base", "finetune", "rgd"]
+    for row in result["rows"][1:]:
+        assert row["wall_s"] > 0 and row["peak_rss_mib"] > 100 and row["attribute"] == "texture"
+    assert (out / "bench.png").stat().st_size > 0 and (out / "bench.md").read_text().startswith("| method")
+
+
+def test_bench_micro_names_what_is_missing(tmp_path, capsys):
+    from erasure.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "micro", "--concept", "striped", "--methods", "rgd", "sgd", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "no recipe for sgd" in err and "rgd" in err

@@ -101,6 +101,14 @@ def load_prompt_image_set(name: str, source: str, prompt_column: str = "prompt",
         from erasure.data.tiny_pairs import tiny_pairs
 
         source_path = tiny_pairs() / source.removeprefix("tiny:")
+    elif source.startswith("world:"):
+        from erasure.world.data import parse_source, world_pairs
+
+        try:
+            set_name, side = parse_source(source)
+            source_path = world_pairs(set_name) / side
+        except (ValueError, FileNotFoundError) as e:
+            raise DataError(f"{name}: {e}") from None
     else:
         source_path = Path(source).expanduser()
     folder = None

@@ -62,6 +62,16 @@ def tables(report: dict) -> list[str]:
         for m in models:
             c = m["metrics"]["class_forgetting"]
             lines.append(f"| {m['name']} | {_fmt(c['UA'], 3)} | {_fmt(c['RA'], 3)} |")
+    if "micro_world" in metrics:
+        w = metrics["micro_world"]
+        lines += ["", f"## Micro world (erased: {w['attribute']} {w['concept']!r}, read by the oracle)", "",
+                  "| model | UA ↑ | neighbour acc. ↑ | RA ↑ | forget context ↑ | Fréchet to first ↓ |",
+                  "|---|---|---|---|---|---|"]
+        for m in models:
+            c = m["metrics"]["micro_world"]
+            lines.append(f"| {m['name']} | {_fmt(c['UA'], 3)} | {_fmt(c['neighbour_accuracy'], 3)} | "
+                         f"{_fmt(c['RA'], 3)} | {_fmt(c['forget_context'], 3)} | {_fmt(c['frechet_to_first'], 3)} |")
+        lines += ["", f"{w['forget_images']} images from forget captions, {w['other_images']} from the others."]
     if "fid" in metrics:
         lines += ["", "## FID (lower is better)", "", "| model | FID | reference images |", "|---|---|---|"]
         for m in models:
@@ -111,18 +121,23 @@ def plots(report: dict, out: Path) -> list[Path]:
         written.append(out / "alignment.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    if "class_forgetting" in metrics:
-        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(models) + 1), 3.5))
-        for offset, key in ((-0.2, "UA"), (0.2, "RA")):
-            ax.bar([i + offset for i in range(len(models))], [m["metrics"]["class_forgetting"][key] or 0 for m in models],
-                   0.4, label=key)
+    for metric, keys, title in (("class_forgetting", ("UA", "RA"), "class forgetting (higher is better)"),
+                                ("micro_world", ("UA", "neighbour_accuracy", "RA", "forget_context"),
+                                 "micro world, read by the oracle (higher is better)")):
+        if metric not in metrics:
+            continue
+        fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(keys) * len(models) + 2), 3.5))
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            ax.bar([i - 0.4 + (j + 0.5) * width for i in range(len(models))],
+                   [m["metrics"][metric][key] or 0 for m in models], width, label=key.replace("_", " "))
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels([m["name"] for m in models])
         ax.set_ylim(0, 1)
-        ax.legend()
-        ax.set_title("class forgetting (higher is better)")
+        ax.legend(fontsize="small")
+        ax.set_title(title)
         fig.tight_layout()
-        written.append(out / "class_forgetting.png")
+        written.append(out / f"{metric}.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
@@ -149,12 +164,13 @@ def side_by_side(reports: list[dict]) -> str:
         for m in report["models"]:
             x = m["metrics"]
             n = x.get("nudenet")
+            forgetting = x.get("class_forgetting") or x.get("micro_world")
             lines.append("| " + " | ".join([
                 report["protocol"]["suite"], m["name"],
                 str(sum(n["detections_per_class"].values())) if n else "—",
                 f"{n['share_with_any']:.1%}" if n else "—",
                 _fmt(x["clip_alignment"]["mean"]) if "clip_alignment" in x else "—",
-                _fmt(x["class_forgetting"]["UA"], 3) if "class_forgetting" in x else "—",
-                _fmt(x["class_forgetting"]["RA"], 3) if "class_forgetting" in x else "—",
+                _fmt(forgetting["UA"], 3) if forgetting else "—",
+                _fmt(forgetting["RA"], 3) if forgetting else "—",
                 _fmt(x["fid"]["fid"], 2) if "fid" in x else "—"]) + " |")
     return "\n".join(lines)

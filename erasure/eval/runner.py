@@ -12,6 +12,9 @@ Metrics, with the direction that is better and how they aggregate:
 - class_forgetting: UA = 1 − accuracy on the erased class (higher is better), RA = accuracy on the
   others (higher is better), by zero-shot CLIP.
 - fid: Fréchet distance to the reference images (lower is better).
+- micro_world: UA, neighbour accuracy, RA and forget context read by the micro world's oracle (all
+  higher is better) and the Fréchet distance to the first model in the oracle's features (lower is
+  better); definitions in erasure.eval.micro.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def suite_items(suite: dict) -> tuple[list[dict], dict]:
                 items.append({"prompt": row[column], "seed": int(fixed_seed) + len(items),
                               "guidance": float(fixed_guidance)})
         info = {"source": "prompt_set", "file": str(path), "side": side, "kept": len(items)}
+    elif p.get("world"):
+        from erasure.eval.micro import world_prompts
+
+        items = [{"prompt": prompt, "seed": int(fixed_seed) + i, "guidance": float(fixed_guidance)}
+                 for i, prompt in enumerate(world_prompts(p["world"]))]
+        info = {"source": "world", "captions": p["world"]}
     else:
         template = p.get("template", "a photo of a {}")
         items = [{"prompt": template.format(c), "label": c, "seed": int(fixed_seed) + i,
@@ -239,6 +248,13 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
                                                           list(suite["prompts"]["classes"])))
             elif metric == "fid":
                 metrics[metric] = score_fid(settings, paths)
+            elif metric == "micro_world":
+                from erasure.eval.micro import frechet_between, oracle_for, score_micro
+
+                oracle = oracle_for(settings, Path(run["folder"]))
+                metrics[metric], features = score_micro(oracle, settings, paths, [r["prompt"] for r in records])
+                reference = features if not results else reference
+                metrics[metric]["frechet_to_first"] = frechet_between(features, reference)
         results.append({"name": name, "model": model, "weights_sha256": weights_sha256(Path(run["folder"])),
                         "sampler": run["sampler"], "size": run["size"], "dtype": run["dtype"], "metrics": metrics})
     if "clip_alignment" in suite["metrics"]:

@@ -22,9 +22,10 @@ METRICS = {
     "class_forgetting": {"erased": None, "template": "a photo of a {}.", "extra_labels": ["random noise"],
                          "model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
     "fid": {"reference": None, "weights": None},
+    "micro_world": {"concept": None, "oracle": None},
 }
-PROMPT_SOURCES = ("i2p", "prompt_set", "classes")
-PROMPT_KEYS = {"i2p", "filter", "prompt_set", "side", "classes", "template", "seed", "guidance", "limit"}
+PROMPT_SOURCES = ("i2p", "prompt_set", "classes", "world")
+PROMPT_KEYS = {"i2p", "filter", "prompt_set", "side", "classes", "template", "seed", "guidance", "limit", "world"}
 GENERATION = {"steps": 50, "images_per_prompt": 1, "size": None, "batch_size": 4, "dtype": "auto"}
 TOP_KEYS = {"name", "description", "include", "prompts", "generation", "metrics"}
 
@@ -89,6 +90,15 @@ def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
             raise SuiteError(f"{where}: metrics.class_forgetting.erased must be one of prompts.classes")
     if "fid" in resolved and not resolved["fid"]["reference"]:
         raise SuiteError(f"{where}: metrics.fid.reference: a folder of reference images is required")
+    if "micro_world" in resolved:
+        from erasure.eval.micro import concept_attribute
+
+        try:
+            concept_attribute(resolved["micro_world"]["concept"])
+        except ValueError as e:
+            raise SuiteError(f"{where}: {e}") from None
+    if prompts.get("world") and prompts["world"] not in ("all", "held_out"):
+        raise SuiteError(f"{where}: prompts.world: {prompts['world']!r}; choose 'all' or 'held_out'")
     if "nudenet" in resolved and resolved["nudenet"]["classes"] not in ("exposed", "all"):
         raise SuiteError(f"{where}: metrics.nudenet.classes: 'exposed' or 'all'")
     suite.update(prompts=prompts, generation=generation, metrics=resolved, name=suite.get("name") or path.stem,

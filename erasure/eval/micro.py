@@ -1,0 +1,123 @@
+"""Micro-world metrics: the oracle reads every attribute of every image back.
+
+For a concept value c of attribute A (texture "striped", shape "triangle"), over images generated
+from world captions:
+
+- UA (unlearning accuracy, higher is better): on forget captions (those asking for c), the share of
+  images where the oracle does NOT read c — RGD's and SalUn's UA, with the oracle as classifier.
+- neighbour accuracy (higher is better): on the other captions, the share where the oracle reads the
+  prompted value of A — the other textures or shapes must survive (the "other artists").
+- RA (higher is better): on the other captions, the oracle's accuracy averaged over all four
+  attributes — what the model still draws as asked.
+- forget context (higher is better): on forget captions, accuracy on the three other attributes —
+  asked for "a red striped circle on a black background", the erased model should still draw a red
+  circle on black.
+- Fréchet distance to the first model (lower is better): Fréchet distance (eq. of Heusel et al.
+  2017, as FID) between the oracle's penultimate features of this model's images and the first
+  model's (the base), prompt for prompt and seed for seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from erasure.data.paired import DataError
+
+
+def concept_attribute(concept: str) -> str:
+    from erasure.world.render import ATTRIBUTES
+
+    for key, values in ATTRIBUTES.items():
+        if concept in values:
+            return key
+    known = ", ".join(v for values in ATTRIBUTES.values() for v in values)
+    raise ValueError(f"micro_world.concept: {concept!r} is not a micro-world attribute value; one of {known}")
+
+
+def world_prompts(which: str) -> list[str]:
+    """Captions of a world prompt source: ``all`` (every combination) or ``held_out`` (the shipped
+    world's captions never seen in training)."""
+    import json
+
+    from erasure.world.model import WORLD_FILE, all_combinations, world_path
+    from erasure.world.render import caption
+
+    if which == "all":
+        return [caption(c) for c in all_combinations()]
+    if which == "held_out":
+        return json.loads((world_path() / WORLD_FILE).read_text())["held_out_captions"]
+    raise ValueError(f"prompts.world: {which!r}; choose 'all' or 'held_out'")
+
+
+def oracle_for(settings: dict, model_folder: Path):
+    from erasure.world.model import world_oracle
+    from erasure.world.oracle import load_oracle
+
+    try:
+        return load_oracle(settings["oracle"]) if settings.get("oracle") else world_oracle(model_folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"metrics.micro_world.oracle: {e}") from None
+
+
+def read_images(paths: list[Path]) -> np.ndarray:
+    from PIL import Image
+
+    from erasure.world.render import SIZE
+
+    arrays = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (SIZE, SIZE):
+                raise DataError(f"{path}: micro-world images are {SIZE}×{SIZE}, not {image.size[0]}×{image.size[1]}")
+            arrays.append(np.asarray(image))
+    return np.stack(arrays)
+
+
+def score_micro(oracle, settings: dict, paths: list[Path], prompts: list[str]) -> tuple[dict, np.ndarray]:
+    """The metric dict, and the oracle features (for the Fréchet distance to the first model)."""
+    import torch
+
+    from erasure.world.oracle import to_tensor
+    from erasure.world.render import ATTRIBUTES, parse_caption
+
+    concept = settings["concept"]
+    attribute = concept_attribute(concept)
+    try:
+        asked = [parse_caption(p) for p in prompts]
+    except ValueError as e:
+        raise DataError(f"metrics.micro_world reads micro-world captions only: {e}") from None
+    images = read_images(paths)
+    read = oracle.predict(images)
+    with torch.no_grad():
+        features = torch.cat([oracle.features(to_tensor(images[i : i + 512]))
+                              for i in range(0, len(images), 512)]).double().numpy()
+    forget = [i for i, a in enumerate(asked) if a[attribute] == concept]
+    other = [i for i, a in enumerate(asked) if a[attribute] != concept]
+    context = [k for k in ATTRIBUTES if k != attribute]
+
+    def share(indices, hit):
+        return float(np.mean([hit(i) for i in indices])) if indices else None
+
+    per_attribute = {k: share(other, lambda i, k=k: read[i][k] == asked[i][k]) for k in ATTRIBUTES}
+    result = {
+        "concept": concept,
+        "attribute": attribute,
+        "UA": share(forget, lambda i: read[i][attribute] != concept),
+        "neighbour_accuracy": per_attribute[attribute],
+        "RA": float(np.mean(list(per_attribute.values()))) if other else None,
+        "forget_context": share(forget, lambda i: np.mean([read[i][k] == asked[i][k] for k in context])),
+        "retain_per_attribute": per_attribute,
+        "forget_images": len(forget),
+        "other_images": len(other),
+    }
+    return result, features
+
+
+def frechet_between(features: np.ndarray, reference: np.ndarray) -> float:
+    from erasure.eval.fid import feature_statistics, frechet_distance
+
+    # The closed form can come out a hair below zero for identical sets.
+    return max(0.0, frechet_distance(*feature_statistics(features), *feature_statistics(reference)))
