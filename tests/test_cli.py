@@ -11,7 +11,6 @@ from diffusers import DiffusionPipeline
 from conftest import REPO, RECIPES
 
 WORLD = REPO / "erasure" / "world" / "micro"
-DEMO_STEPS = 30
 
 
 def test_accelerate_launch_train_py_with_a_tiny_recipe_on_a_fresh_cache(tmp_path):
@@ -38,23 +37,14 @@ def test_erasure_tiny_writes_a_loadable_pipeline(family, cls, tmp_path):
     assert not list((tmp_path / family).glob("**/*.bin"))
 
 
-@pytest.mark.skipif(not (WORLD / "model_index.json").is_file(), reason="no shipped world")
-def test_demo_erases_striped_from_the_world_and_reloads(tmp_path, capsys):
-    """A short RGD run moves UA on striped captions well beyond what sampling noise could."""
+def test_demo_erases_exports_reloads_and_generates(tmp_path, capsys):
     from erasure.cli import main
 
-    main(["demo", "--out", str(tmp_path / "demo"), "--steps", str(DEMO_STEPS), "--limit", "96"])
+    main(["demo", "--out", str(tmp_path / "demo")])
     printed = capsys.readouterr().out
     assert "where everything went" in printed and str(tmp_path / "demo") in printed
-    assert "Micro world (erased: texture 'striped'" in printed
-    assert (tmp_path / "demo" / "samples.png").stat().st_size > 0
+    assert (tmp_path / "demo" / "sample.png").stat().st_size > 0
     assert json.loads((tmp_path / "demo" / "erasure.json").read_text())["method"] == "rgd"
-    report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
-    base, erased = (m["metrics"]["micro_world"] for m in report["models"])
-    assert base["forget_images"] == 24
-    # 24 forget images: base UA is a few percent; a rise of ≥ 0.5 is ≥ 12 more images that lost
-    # their stripes, far outside seed noise.
-    assert erased["UA"] >= base["UA"] + 0.5, (base, erased)
 
 
 def test_train_help_lists_every_recipe_key():
