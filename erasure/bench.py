@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from erasure.data.generate import write_atomically
 from erasure.methods import METHOD_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +45,12 @@ def train_one(recipe: Path, out: Path, overrides: dict, show: bool) -> dict:
     stderr = b""
     if not show:  # read before waiting, so a chatty child cannot fill the pipe and stall
         stderr = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    _, status, usage = os.wait4(child.pid, 0)  # wait4, not wait: it returns this child's own peak RSS
+    code = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
-    if child.returncode != 0:
+    if code != 0:
         tail = stderr.decode(errors="replace").strip().splitlines()[-5:]
-        raise RuntimeError(f"training {recipe} failed (exit {child.returncode})" + (":\n" + "\n".join(tail) if tail else ""))
+        raise RuntimeError(f"training {recipe} failed (exit {code})" + (":\n" + "\n".join(tail) if tail else ""))
     card = json.loads((out / "erasure.json").read_text())
     stats = card.get("run", {})
     # ru_maxrss is in KiB on Linux
@@ -84,8 +85,6 @@ def bench_micro(concept: str, out: str | Path, methods: list[str] | None = None,
         rows.append({"method": name, **model["metrics"]["micro_world"], **costs.get(name, {})})
     result = {"concept": concept, "steps": steps, "limit": limit, "rows": rows,
               "suite": report["protocol"]["suite_file"], "versions": report["protocol"]["versions"]}
-    from erasure.data.generate import write_atomically
-
     write_atomically(out / "bench.json", lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     table = bench_table(result)
     write_atomically(out / "bench.md", lambda f: f.write((table + "\n").encode()))
@@ -129,7 +128,5 @@ def bench_plot(result: dict, path: Path) -> None:
     ax.set_title(f"micro world: erasing {result['concept']!r}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -161,7 +161,8 @@ def _bench_micro(args) -> None:
 
 def _world_build(args) -> None:
     import dataclasses
-    import json
+
+    import yaml
 
     from erasure.config import RecipeError
     from erasure.world.model import WorldRecipe, build_world
@@ -172,10 +173,7 @@ def _world_build(args) -> None:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise RecipeError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+        overrides[key] = yaml.safe_load(value)  # YAML scalars and lists, as train's flags
     recipe = WorldRecipe.from_dict(overrides)
     record = build_world(args.out, recipe, device=args.device)
     bar = record["quality_bar"]

@@ -105,6 +105,8 @@ def test_eval_two_models_side_by_side_and_resume(small_suite, i2p_file, tiny_sd1
         alignment = model["metrics"]["clip_alignment"]
         assert alignment["n"] == 3 and -1 <= alignment["mean"] <= 1
     assert report["models"][0]["metrics"]["clip_alignment"]["delta_to_first"] == 0
+    first, second = (m["metrics"]["clip_alignment"] for m in report["models"])
+    assert second["delta_to_first"] == pytest.approx(second["mean"] - first["mean"])
     assert report["models"][0]["weights_sha256"] != report["models"][1]["weights_sha256"]
     protocol = report["protocol"]
     assert protocol["prompts"]["empty_prompts_skipped"] == 1 and "nudenet" in protocol["versions"]

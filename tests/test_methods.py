@@ -74,10 +74,18 @@ def test_v_prediction_unet_trains(method, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_gradient_checkpointing_changes_memory_not_the_update(tiny_sd1, tmp_path):
+def test_gradient_checkpointing_changes_memory_not_the_update(tiny_sd1, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    enabled = []
+    original = UNet2DConditionModel.enable_gradient_checkpointing
+    monkeypatch.setattr(UNet2DConditionModel, "enable_gradient_checkpointing",
+                        lambda self, *a, **k: (enabled.append(True), original(self, *a, **k))[1])
     common = dict(model=tiny_sd1, max_steps=2, checkpointing_steps=0)
     plain = run_recipe("tiny/rgd.yaml", output_dir=tmp_path / "plain", **common)
+    assert not enabled
     recomputed = run_recipe("tiny/rgd.yaml", output_dir=tmp_path / "ckpt", gradient_checkpointing=True, **common)
+    assert enabled  # the flag reached the UNet, so the equality below compares two different paths
     a, b = read_weights(plain / "unet"), read_weights(recomputed / "unet")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,17 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     except Exception as e:  # hub errors come in many types; the message is what the user needs
         raise ValueError(f"model: {model!r} is neither a local pipeline folder nor a reachable hub "
                          f"id ({type(e).__name__}: {e})") from None
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over a pipeline folder's safetensors files (names and bytes): its weights' identity."""
+    h = hashlib.sha256()
+    for file in sorted(folder.rglob("*.safetensors")):
+        h.update(file.relative_to(folder).as_posix().encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def has_t5(folder: Path) -> bool:

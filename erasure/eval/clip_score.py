@@ -37,7 +37,6 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 def _default_device() -> str:
@@ -57,11 +56,6 @@ def _supported_kwargs(function, **kwargs) -> dict:
     """The keyword arguments `function` accepts (older open_clip releases lack some)."""
     parameters = inspect.signature(function).parameters
     return {key: value for key, value in kwargs.items() if key in parameters}
-
-
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a local CLIP checkpoint (see erasure.eval.weights)."""
-    return read_state_dict(path, "CLIP checkpoint")
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -155,9 +149,7 @@ class ClipScorer:
                 clip, _, preprocess = create(model, pretrained=None, **no_tower_weights)
         elif _looks_like_path(str(pretrained)):
             path = Path(pretrained).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"CLIP checkpoint file not found: {path}")
-            state = load_checkpoint_file(path)
+            state = read_state_dict(path, "CLIP checkpoint")
             clip, _, preprocess = create(model, pretrained=None, **no_tower_weights)
             _load_into(clip, state, path)
         else:

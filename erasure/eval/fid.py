@@ -107,12 +107,6 @@ def _resolve_weights(weights) -> Path:
     raise FileNotFoundError(f"no FID Inception weights given. {help_text}")
 
 
-def _read_state_dict(path: Path) -> dict:
-    from erasure.eval.weights import read_state_dict
-
-    return read_state_dict(path, "FID Inception weights")
-
-
 def _as_uint8_chw(image) -> np.ndarray:
     """One image (PIL, path, or H x W x 3 / H x W uint8 array) as a 3 x H x W uint8 array."""
     from PIL import Image
@@ -162,7 +156,9 @@ class InceptionFeatures:
         self.weights = _resolve_weights(weights)
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        state = _read_state_dict(self.weights)
+        from erasure.eval.weights import read_state_dict
+
+        state = read_state_dict(self.weights, "FID Inception weights")
 
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -220,11 +216,12 @@ def fid(
             raise ValueError(f"FID needs at least 2 images per set; the {name} set has {len(images)}")
     if features is None:
         features = InceptionFeatures()
-    stats = []
-    for images in (images_a, images_b):
-        array = np.asarray(features(images), dtype=np.float64)
-        if array.ndim != 2 or array.shape[0] != len(images):
-            raise ValueError(f"features returned shape {array.shape} for {len(images)} images; want N x D")
-        stats.append(feature_statistics(array))
-    (mu1, sigma1), (mu2, sigma2) = stats
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
+    return frechet_distance(*image_statistics(images_a, features), *image_statistics(images_b, features))
+
+
+def image_statistics(images: list, features: Callable[[list], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of ``features(images)``, checked to be one row per image."""
+    array = np.asarray(features(images), dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] != len(images):
+        raise ValueError(f"features returned shape {array.shape} for {len(images)} images; want N x D")
+    return feature_statistics(array)

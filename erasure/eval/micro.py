@@ -52,6 +52,7 @@ def world_prompts(which: str) -> list[str]:
 
 
 def oracle_for(settings: dict, model_folder: Path):
+    """The suite's oracle, else the one the (first) model's world carries, else the shipped world's."""
     from erasure.world.model import world_oracle
     from erasure.world.oracle import load_oracle
 
@@ -80,7 +81,6 @@ def score_micro(oracle, settings: dict, paths: list[Path], prompts: list[str]) -
     """The metric dict, and the oracle features (for the Fréchet distance to the first model)."""
     import torch
 
-    from erasure.world.oracle import to_tensor
     from erasure.world.render import ATTRIBUTES, parse_caption
 
     concept = settings["concept"]
@@ -90,10 +90,12 @@ def score_micro(oracle, settings: dict, paths: list[Path], prompts: list[str]) -
     except ValueError as e:
         raise DataError(f"metrics.micro_world reads micro-world captions only: {e}") from None
     images = read_images(paths)
-    read = oracle.predict(images)
-    with torch.no_grad():
-        features = torch.cat([oracle.features(to_tensor(images[i : i + 512]))
-                              for i in range(0, len(images), 512)]).double().numpy()
+    read, features = [], []
+    for start in range(0, len(images), 512):
+        names, h = oracle.read(images[start : start + 512])
+        read += names
+        features.append(h)
+    features = torch.cat(features).double().numpy()
     forget = [i for i, a in enumerate(asked) if a[attribute] == concept]
     other = [i for i, a in enumerate(asked) if a[attribute] != concept]
     context = [k for k in ATTRIBUTES if k != attribute]

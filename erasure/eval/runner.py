@@ -19,13 +19,13 @@ Metrics, with the direction that is better and how they aggregate:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from erasure.data.generate import load_pipeline, native_size, write_atomically
+from erasure.backbones import weights_sha256
 from erasure.data.paired import DataError
 
 
@@ -75,16 +75,6 @@ def suite_items(suite: dict) -> tuple[list[dict], dict]:
     info["evaluated_prompts"] = len(items)
     info["images_per_prompt"] = generation["images_per_prompt"]
     return items, info
-
-
-def weights_sha256(folder: Path) -> str:
-    h = hashlib.sha256()
-    for file in sorted(folder.rglob("*.safetensors")):
-        h.update(file.relative_to(folder).as_posix().encode())
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _readable(path: Path) -> bool:
@@ -153,8 +143,9 @@ def score_nudenet(settings: dict, paths: list[Path], out: Path) -> dict:
     from erasure.eval.nudity import ALL_CLASSES, EXPOSED_CLASSES, NudityDetector, count_detections
 
     record = out / "nudenet.jsonl"
-    if record.is_file() and len(record.read_text().splitlines()) == len(paths):
-        detections = [json.loads(line)["detections"] for line in record.read_text().splitlines()]
+    lines = record.read_text().splitlines() if record.is_file() else []
+    if len(lines) == len(paths):
+        detections = [json.loads(line)["detections"] for line in lines]
     else:
         detections = NudityDetector().detect([str(p) for p in paths])
         write_atomically(record, lambda f: f.write("".join(
@@ -191,21 +182,26 @@ def score_class_forgetting(scorer, settings: dict, paths: list[Path], labels: li
     return {**forgetting_accuracy(predicted, labels, settings["erased"]), "erased": settings["erased"]}
 
 
-def score_fid(settings: dict, paths: list[Path]) -> dict:
-    from erasure.eval.fid import InceptionFeatures, fid, image_folder
-
-    try:
-        reference = image_folder(settings["reference"])
-        features = InceptionFeatures(settings["weights"])
-    except (FileNotFoundError, NotADirectoryError) as e:  # missing reference images or Inception weights
-        raise DataError(f"metrics.fid: {e}") from None
+def score_fid(settings: dict, paths: list[Path], reference: dict) -> dict:
+    """FID of ``paths`` against the suite's reference folder. ``reference`` caches the Inception network
+    and the reference statistics, which are the same for every model of a run."""
     from PIL import UnidentifiedImageError
 
+    from erasure.eval.fid import InceptionFeatures, frechet_distance, image_folder, image_statistics
+
     try:
-        value = fid([str(p) for p in paths], [str(p) for p in reference], features=features)
+        if not reference:
+            files = image_folder(settings["reference"])
+            features = InceptionFeatures(settings["weights"])
+            reference.update(features=features, images=len(files),
+                             statistics=image_statistics([str(p) for p in files], features))
+        value = frechet_distance(*image_statistics([str(p) for p in paths], reference["features"]),
+                                 *reference["statistics"])
+    except (FileNotFoundError, NotADirectoryError) as e:  # missing reference images or Inception weights
+        raise DataError(f"metrics.fid: {e}") from None
     except (UnidentifiedImageError, OSError) as e:  # PIL names the file it could not read
         raise DataError(f"metrics.fid: {e}") from None
-    return {"fid": value, "reference": str(settings["reference"]), "reference_images": len(reference)}
+    return {"fid": value, "reference": str(settings["reference"]), "reference_images": reference["images"]}
 
 
 def versions() -> dict:
@@ -231,7 +227,7 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
         raise DataError(f"suite {suite['file']}: no prompts to evaluate")
     names = _model_names(models)
     results = []
-    clip = None
+    scorers, oracle, reference, fid_reference = {}, None, None, {}
     for name, model in zip(names, models):
         folder_out = out / "images" / name
         records, run = generate_images(model, items, suite["generation"], folder_out, show)
@@ -241,19 +237,22 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
             if metric == "nudenet":
                 metrics[metric] = score_nudenet(settings, paths, folder_out)
             elif metric in ("clip_alignment", "class_forgetting"):
-                clip = clip or _clip(settings)
+                # one scorer per CLIP checkpoint: the two metrics may name different ones
+                key = (settings["model"], settings["pretrained"])
+                clip = scorers[key] = scorers.get(key) or _clip(settings)
                 metrics[metric] = (score_alignment(clip, settings, paths, [r["prompt"] for r in records])
                                    if metric == "clip_alignment" else
                                    score_class_forgetting(clip, settings, paths, [r["label"] for r in records],
                                                           list(suite["prompts"]["classes"])))
             elif metric == "fid":
-                metrics[metric] = score_fid(settings, paths)
+                metrics[metric] = score_fid(settings, paths, fid_reference)
             elif metric == "micro_world":
                 from erasure.eval.micro import frechet_between, oracle_for, score_micro
 
-                oracle = oracle_for(settings, Path(run["folder"]))
+                # One oracle reads every model (the first model's world's): an export carries no oracle.
+                oracle = oracle or oracle_for(settings, Path(run["folder"]))
                 metrics[metric], features = score_micro(oracle, settings, paths, [r["prompt"] for r in records])
-                reference = features if not results else reference
+                reference = features if reference is None else reference
                 metrics[metric]["frechet_to_first"] = frechet_between(features, reference)
         results.append({"name": name, "model": model, "weights_sha256": weights_sha256(Path(run["folder"])),
                         "sampler": run["sampler"], "size": run["size"], "dtype": run["dtype"], "metrics": metrics})

@@ -2,7 +2,7 @@
 
 A suite names where its prompts come from, how images are generated, and which metrics score them.
 `include: other.yaml` reads a base first and merges this file over it key by key, so a variant
-says only what changes (`eval/i2p-nudity-all-classes.yaml` is four lines). Unknown keys and metrics
+says only what changes (`eval/i2p-nudity-all-classes.yaml` is five lines). Unknown keys and metrics
 fail before any model loads, naming the file and what is allowed.
 """
 

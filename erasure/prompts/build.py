@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -182,19 +181,15 @@ def diversity_stats(spec: ConceptSpec | None, rows: list[dict]) -> dict:
     return stats
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_sets(out: Path, train: list[dict], test: list[dict], stats: dict) -> None:
+    from erasure.data.generate import write_atomically
+
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("test", test)):
-        _write_atomically(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomically(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    texts = {f"{name}.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+             for name, rows in (("train", train), ("test", test))}
+    texts["stats.json"] = json.dumps(stats, indent=2, ensure_ascii=False) + "\n"
+    for name, text in texts.items():
+        write_atomically(out / name, lambda f, text=text: f.write(text.encode()))
 
 
 def stats_table(stats: dict) -> str:

@@ -22,15 +22,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from erasure.prompts.llm import LLMError
-from erasure.prompts.spec import ConceptSpec, Dimension, template_fields, validate
+from erasure.prompts.spec import ConceptSpec, mentions, template_fields, validate
 
 MAX_WORDS = 8
 MAX_CHARS = 60
@@ -77,13 +75,6 @@ def clean_item(item) -> tuple[str | None, str | None]:
     if not any(ch.isalnum() for ch in text):
         return None, "no letters or digits"
     return text, None
-
-
-def _mentions(text: str, terms: list[str]) -> str | None:
-    for term in sorted(terms, key=len, reverse=True):
-        if re.search(rf"(?<![\w-]){re.escape(term)}(?![\w-])", text, flags=re.IGNORECASE):
-            return term
-    return None
 
 
 def _template_words(spec: ConceptSpec) -> list[str]:
@@ -154,7 +145,7 @@ def _filter_paraphrases(spec: ConceptSpec, items: list, want: int, tally: _Tally
     retain = _retain_texts(spec)
 
     def leak(text):  # a new phrasing must not already occur in text that ends up in retain prompts
-        where = next((where for where, t in retain if _mentions(t, [text])), None)
+        where = next((where for where, t in retain if mentions(t, [text])), None)
         return where and ("would make a retain prompt name the concept", f"{text!r} is in {where}")
 
     return _accept(items, want, {p.casefold() for p in spec.phrasings}, "already a phrasing", leak, tally)
@@ -165,7 +156,7 @@ def _filter_subconcepts(spec: ConceptSpec, name: str, items: list, want: int, ta
     terms = list(spec.phrasings) + [spec.concept]
 
     def leak(text):  # a subconcept lands in retain prompts too, so it may not name the concept
-        found = _mentions(text, terms)
+        found = mentions(text, terms)
         return found and ("contain the concept phrasing", f"{text!r} has {found!r}")
 
     return _accept(items, want, {s.casefold() for s in dim.train + dim.test}, "already listed", leak, tally)
@@ -231,20 +222,11 @@ def _load_state(path: Path | None) -> dict:
 
 
 def _write_state(path: Path, state: dict) -> None:
+    from erasure.data.generate import write_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(state, indent=2, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    text = json.dumps(state, indent=2, ensure_ascii=False) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 # --- expansion ----------------------------------------------------------------------------------------
@@ -292,7 +274,6 @@ def expand_spec(spec: ConceptSpec, client, per_dimension: int = 20, paraphrases:
     state_file = Path(state_file) if state_file is not None else None
     state = _load_state(state_file)
     new = copy.deepcopy(spec)
-    new.dimensions = {name: Dimension(list(d.train), list(d.test)) for name, d in spec.dimensions.items()}
     # Steps not redone in this run stay in the file as they were.
     record = {"phrasings": list(state.get("phrasings", [])), "dimensions": dict(state.get("dimensions", {})),
               "model": str(getattr(client, "model", "?")),

@@ -215,6 +215,3 @@ def make_client(llm: str, base_url: str | None = None, model: str | None = None,
         return LocalLM(path)
     raise ValueError(f"--llm {llm!r} is not understood; use 'openai' (with --base-url and --model) or "
                      "'local:PATH' (a folder holding a transformers causal LM)")
-
-
-# --- parsing and checking proposals -------------------------------------------------------------------

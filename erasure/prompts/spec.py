@@ -36,6 +36,14 @@ class SpecError(ValueError):
     """A concept spec is wrong; the message names the file, the key or entry, and what is right."""
 
 
+def mentions(text: str, terms: list[str]) -> str | None:
+    """The longest of ``terms`` that ``text`` contains as a whole word (case-insensitive), or None."""
+    for term in sorted(terms, key=len, reverse=True):
+        if re.search(rf"(?<![\w-]){re.escape(term)}(?![\w-])", text, flags=re.IGNORECASE):
+            return term
+    return None
+
+
 @dataclass
 class Dimension:
     train: list[str]
@@ -57,10 +65,7 @@ class ConceptSpec:
 
     def mentions_concept(self, text: str) -> str | None:
         """The phrasing of the concept that `text` contains (case-insensitive, whole words)."""
-        for phrasing in sorted(self.phrasings, key=len, reverse=True):
-            if re.search(rf"(?<![\w-]){re.escape(phrasing)}(?![\w-])", text, flags=re.IGNORECASE):
-                return phrasing
-        return None
+        return mentions(text, self.phrasings)
 
     def to_dict(self) -> dict:
         return {"concept": self.concept, "description": self.description, "phrasings": self.phrasings,

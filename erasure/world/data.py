@@ -38,8 +38,7 @@ def spec_path(concept: str) -> Path:
 
 def world_pairs(name: str) -> Path:
     """The folder holding forget/ and retain/ for set ``name`` (built in the erasure cache if missing)."""
-    from erasure.backbones import cache_dir
-    from erasure.eval.runner import weights_sha256
+    from erasure.backbones import cache_dir, weights_sha256
     from erasure.tiny import build_atomically
     from erasure.world.model import world_path
 

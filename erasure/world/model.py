@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .oracle import Oracle, load_oracle, save_oracle, to_tensor, train_oracle
+from .oracle import Oracle, accuracy, load_oracle, save_oracle, to_tensor, train_oracle
 from .render import ATTRIBUTES, SIZE, caption, render
 
 SHIPPED = Path(__file__).parent / "micro"  # `erasure world build --out erasure/world/micro` made it
@@ -56,8 +56,9 @@ class WorldRecipe:
     text_hidden: int = 64
     text_layers: int = 2
     unet_channels: tuple[int, ...] = (32, 64, 128)
-    # Cross-attention per resolution (16, 8, 4 latent px). None at 16×16: self-attention over 256
-    # tokens doubled the step time and bought nothing measurable.
+    # Cross-attention per resolution (16, 8, 4 latent px). None at 16×16: attention over 256 tokens
+    # costs 15–30 % more per CPU step (`python benchmarks/world_recipe_search.py speed`), and every
+    # config that met the bar in the search went without it.
     unet_attention: tuple[bool, ...] = (False, True, True)
     unet_mid_attention: bool = True
     steps: int = 3000
@@ -373,11 +374,14 @@ def assemble_pipeline(recipe: WorldRecipe, vae, text_encoder, unet):
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float, batch_size: int = 64) -> np.ndarray:
+def sample(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float, batch_size: int = 64,
+           show_progress: bool = False) -> np.ndarray:
     """uint8 N×32×32×3 images for ``prompts``, each from its own seeded generator (batch-size independent)."""
+    from tqdm.auto import tqdm
+
     out = []
     device = pipe.device
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not show_progress):
         chunk = prompts[start : start + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         latents = torch.stack([
@@ -397,13 +401,15 @@ def read_back(oracle: Oracle, images: np.ndarray, attrs: list[dict]) -> dict[str
 
 
 def quality(pipe, oracle: Oracle, combos: list[dict], recipe: WorldRecipe, seed: int = 1000,
-            steps: int | None = None, guidance_scale: float | None = None) -> dict[str, float]:
-    """Oracle read-back on ``recipe.quality_per_combo`` samples of each combination."""
+            steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 48,
+            show_progress: bool = False) -> tuple[dict[str, float], np.ndarray]:
+    """Oracle read-back on ``recipe.quality_per_combo`` samples of each combination, and the samples."""
     attrs = [c for c in combos for _ in range(recipe.quality_per_combo)]
     images = sample(pipe, [caption(a) for a in attrs], seed,
                     steps or recipe.sample_steps,
-                    recipe.guidance_scale if guidance_scale is None else guidance_scale)
-    return read_back(oracle, images, attrs)
+                    recipe.guidance_scale if guidance_scale is None else guidance_scale,
+                    batch_size=batch_size, show_progress=show_progress)
+    return read_back(oracle, images, attrs), images
 
 
 def _grid(images: np.ndarray, columns: int) -> np.ndarray:
@@ -435,8 +441,6 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
     start = time.perf_counter()
     oracle = train_oracle(recipe.oracle_steps, seed=recipe.seed, show_progress=show_progress)
     timings["oracle_s"] = time.perf_counter() - start
-    from .oracle import accuracy
-
     oracle_accuracy = accuracy(oracle)
     log("oracle on fresh renders: " + ", ".join(f"{k} {v:.3f}" for k, v in oracle_accuracy.items()))
 
@@ -451,16 +455,7 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
     pipe = assemble_pipeline(recipe, vae, text_encoder, unet)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    attrs = [c for c in held for _ in range(recipe.quality_per_combo)]
-    images = []
-    bar_prompts = [caption(a) for a in attrs]
-    from tqdm.auto import tqdm
-
-    for first in tqdm(range(0, len(attrs), 48), desc="quality", disable=not show_progress):
-        images.append(sample(pipe, bar_prompts[first : first + 48], 1000 + first, recipe.sample_steps,
-                             recipe.guidance_scale))
-    images = np.concatenate(images)
-    held_quality = read_back(oracle, images, attrs)
+    held_quality, images = quality(pipe, oracle, held, recipe, show_progress=show_progress)
     timings["quality_s"] = time.perf_counter() - start
 
     record = {

@@ -57,25 +57,28 @@ class Oracle(nn.Module):
             x = block(x)
             if i < len(self.blocks) - 1:
                 x = F.max_pool2d(x, 2)
-        x = torch.cat([x.mean(dim=(2, 3))], dim=1)
-        return F.relu(self.embed(x))
+        return F.relu(self.embed(x.mean(dim=(2, 3))))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.features(x)
         return {k: head(h) for k, head in self.heads.items()}
 
     @torch.no_grad()
-    def predict(self, images) -> list[dict[str, str]]:
-        """Attribute names for uint8 images (N×32×32×3 numpy, or a list of PIL images)."""
+    def read(self, images) -> tuple[list[dict[str, str]], torch.Tensor]:
+        """Attribute names and penultimate features for uint8 images (N×32×32×3 numpy, or a list of
+        PIL images), in one pass of the network."""
         was_training = self.training
         self.eval()
         try:
-            x = to_tensor(images).to(next(self.parameters()).device)
-            logits = self(x)
-            idx = {k: v.argmax(dim=1).tolist() for k, v in logits.items()}
+            h = self.features(to_tensor(images).to(next(self.parameters()).device))
+            idx = {k: head(h).argmax(dim=1).tolist() for k, head in self.heads.items()}
         finally:
             self.train(was_training)
-        return [{k: self.attributes[k][idx[k][i]] for k in self.attributes} for i in range(x.shape[0])]
+        return [{k: self.attributes[k][idx[k][i]] for k in self.attributes} for i in range(h.shape[0])], h
+
+    def predict(self, images) -> list[dict[str, str]]:
+        """Attribute names for uint8 images (N×32×32×3 numpy, or a list of PIL images)."""
+        return self.read(images)[0]
 
 
 def to_tensor(images) -> torch.Tensor:
