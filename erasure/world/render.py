@@ -120,26 +120,45 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     raise ValueError(f"unknown shape {shape!r}")
 
 
+# Texture geometry, in pixels (benchmarks/world_recipe_search.py, rounds 2–3). Periods of 7–9 px
+# (2–4 per shape, 3.5–4.5 latent px): finer patterns (5–6 px) survived the f = 2 VAE but a world
+# model trained in 30 CPU minutes drew them as smeared stripes. Checks are coarser still (13–15 px
+# periods) and stripes run near-horizontal or near-vertical: a checkerboard is the sum of two
+# diagonal gratings, and world models that half-learned it drew diagonal waves that read as
+# stripes (texture read-back 0.71–0.80 with any-angle stripes and 5 px cells, 0.93–0.96 with this).
+TEXTURE_GEOMETRY = {
+    "stripe_period": (7.0, 9.0),
+    "stripe_angles": (0.0, np.pi / 2),  # None: uniform in [0, π); else centre angles, one drawn per image
+    "stripe_angle_jitter": 0.2,  # ± radians around the drawn centre angle
+    "dot_period": (7.0, 8.0),
+    "dot_radius": 0.28,  # × period
+    "check_cell": (6.5, 7.5),
+}
+
+
 def _texture_mask(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
-    # Periods of 7–9 px (2–4 per shape, 3.5–4.5 latent px): finer patterns (5–6 px) survived the
-    # f = 2 VAE but a world model trained in 30 CPU minutes drew checks and dots as smeared stripes.
+    g = TEXTURE_GEOMETRY
     if texture == "plain":
         return None
     if texture == "striped":
-        theta = rng.uniform(0, np.pi)
-        period = rng.uniform(7.0, 9.0)
+        if g["stripe_angles"] is None:
+            theta = rng.uniform(0, np.pi)
+        else:
+            jitter = g["stripe_angle_jitter"]
+            theta = g["stripe_angles"][int(rng.integers(len(g["stripe_angles"])))] + rng.uniform(-jitter, jitter)
+        period = rng.uniform(*g["stripe_period"])
         phase = rng.uniform(0, period)
         u = x * np.cos(theta) + y * np.sin(theta) + phase
         return np.mod(u, period) < period / 2
     if texture == "dotted":
-        period = rng.uniform(7.0, 8.0)
+        period = rng.uniform(*g["dot_period"])
         ox, oy = rng.uniform(0, period, size=2)
-        radius = period * 0.28
+        radius = period * g["dot_radius"]
         px = np.mod(x + ox, period) - period / 2
         py = np.mod(y + oy, period) - period / 2
         return px * px + py * py <= radius * radius
     if texture == "checkered":
-        cell = rng.uniform(4.5, 5.5)
+        cell = rng.uniform(*g["check_cell"])
         ox, oy = rng.uniform(0, 2 * cell, size=2)
         return (np.floor((x + ox) / cell) + np.floor((y + oy) / cell)) % 2 == 0
     raise ValueError(f"unknown texture {texture!r}")
