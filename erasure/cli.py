@@ -8,11 +8,13 @@ from pathlib import Path
 
 from erasure.data.paired import DataError
 
-# The embedded default the demo runs: RGD on the tiny SD 1.x fixture and the built-in tiny pairs
-# (recipes/tiny/rgd.yaml says the same for `erasure train`; the demo must not need the repo).
-DEMO = {"method": "rgd", "concept": "nudity", "forget_data": "tiny:forget", "retain_data": "tiny:retain",
-        "max_steps": 8, "batch_size": 4, "learning_rate": 1e-4, "forget_loss_cap": 5.0,
-        "checkpointing_steps": 0, "report_to": "none"}
+# The main job's embedded default: recipes/world/striped/rgd.yaml (RGD erasing "striped" from the
+# shipped micro world), spelled out so that `erasure demo` needs no recipe file.
+DEMO = {"model": "world:micro", "method": "rgd", "concept": "striped", "forget_data": "world:striped/forget",
+        "retain_data": "world:striped/retain", "seed": 0, "max_steps": 75, "batch_size": 8,
+        "learning_rate": 1e-4, "forget_loss_cap": 1.1, "checkpointing_steps": 0, "report_to": "none"}
+DEMO_PROMPTS = ["a red striped circle on a black background", "a blue striped square on a white background",
+                "a yellow dotted triangle on a navy background", "a green checkered cross on a gray background"]
 
 
 def _tiny(args) -> None:
@@ -23,30 +25,44 @@ def _tiny(args) -> None:
 
 
 def _demo(args) -> None:
-    """The main job on the embedded default: build the tiny fixture, erase with RGD, export, load
-    the export back, generate."""
+    """The main job on the embedded default: erase "striped" from the shipped micro world with RGD,
+    evaluate base against erased with the world's oracle, export, load the export back, sample."""
+    import numpy as np
     import torch
     from diffusers import DiffusionPipeline
+    from PIL import Image
 
-    from erasure.backbones import resolve_model
+    from erasure.bench import ROOT
     from erasure.config import TrainConfig
+    from erasure.eval.report import tables
+    from erasure.eval.runner import evaluate
+    from erasure.eval.suite import load_suite
     from erasure.trainer import train
+    from erasure.world.model import sample, world_path
 
     out = Path(args.out).resolve()
-    base = resolve_model("tiny:sd1")
-    print(f"base model: tiny SD 1.x pipeline at {base}")
-    config = TrainConfig(model=str(base), output_dir=str(out), **DEMO)
+    base = world_path()
+    print(f"base model: the micro world shipped at {base} (erasure world build reproduces it)")
+    config = TrainConfig(output_dir=str(out), **{**DEMO, **({"max_steps": args.steps} if args.steps else {})})
     train(config)
-    pipe = DiffusionPipeline.from_pretrained(out)
-    image = pipe(config.concept or "a photo of a nude person", num_inference_steps=10, height=32,
-                 width=32, generator=torch.Generator().manual_seed(0)).images[0]
-    sample = out / "sample.png"
-    image.save(sample)
+    suite = load_suite(ROOT / "eval" / "micro-striped.yaml", {"prompts": {"limit": args.limit}} if args.limit else {})
+    print(f"\nevaluating base and erased model on {args.limit or 'all 480'} world captions (oracle read-back)…")
+    report = evaluate(suite, ["world:micro", str(out)], out / "eval")
+    erased = DiffusionPipeline.from_pretrained(out)  # what a user of the export does
+    original = DiffusionPipeline.from_pretrained(base)
+    rows = []
+    for pipe in (original, erased):
+        pipe.set_progress_bar_config(disable=True)
+        rows.append(np.concatenate(list(sample(pipe, DEMO_PROMPTS, seed=0, steps=20, guidance_scale=3.0)), axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    samples = out / "samples.png"
+    grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(samples)
+    print("\n".join(tables(report)))
     print("\nwhere everything went:")
     print(f"  erased pipeline  {out}  (DiffusionPipeline.from_pretrained loads it)")
     print(f"  erasure card     {out / 'README.md'}, {out / 'erasure.json'}")
-    print(f"  sample image     {sample}")
-    print(f"  tiny base model  {base}")
+    print(f"  evaluation       {out / 'eval' / 'report.md'} (+ micro_world.png)")
+    print(f"  samples          {samples} (top: base, bottom: erased; {'; '.join(DEMO_PROMPTS)})")
 
 
 def _prompts_build(args) -> None:
@@ -218,8 +234,10 @@ def _main(argv: list[str] | None = None) -> None:
     micro.add_argument("--steps", type=int, help="override every recipe's max_steps (reduced budgets)")
     micro.add_argument("--limit", type=int, help="evaluate only the first N captions of the suite")
     micro.set_defaults(run=_bench_micro)
-    demo = commands.add_parser("demo", help="erase a concept from the tiny model end to end")
+    demo = commands.add_parser("demo", help="erase 'striped' from the shipped micro world with RGD, evaluate, export, reload (≈3.5 min on 2 cores)")
     demo.add_argument("--out", default="erasure-demo", help="where the erased pipeline goes")
+    demo.add_argument("--steps", type=int, help=f"RGD steps (default {DEMO['max_steps']})")
+    demo.add_argument("--limit", type=int, help="evaluate only the first N of the 480 captions")
     demo.set_defaults(run=_demo)
 
     prompts = commands.add_parser("prompts", help="concept specs → paired forget/retain prompt sets")

@@ -302,7 +302,7 @@ def train(config: TrainConfig) -> Path:
 
     # Frozen parts on the device only while they encode; the exported copies stay float32.
     prompts = (forget_data.prompts if forget_data else []) + (retain_data.prompts if retain_data else [])
-    prompts += ["", config.salun_anchor_prompt]
+    prompts += [""] + ([config.salun_anchor_prompt] if config.method == "salun" else [])
     for module in backbone.text_encoders + [backbone.pipe.vae]:
         module.to(device)
     with accelerator.autocast():
