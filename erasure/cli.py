@@ -234,7 +234,7 @@ def _main(argv: list[str] | None = None) -> None:
     micro.add_argument("--steps", type=int, help="override every recipe's max_steps (reduced budgets)")
     micro.add_argument("--limit", type=int, help="evaluate only the first N captions of the suite")
     micro.set_defaults(run=_bench_micro)
-    demo = commands.add_parser("demo", help="erase 'striped' from the shipped micro world with RGD, evaluate, export, reload (≈3.5 min on 2 cores)")
+    demo = commands.add_parser("demo", help="erase 'striped' from the shipped micro world with RGD, evaluate, export, reload (≈3 min on 2 cores)")
     demo.add_argument("--out", default="erasure-demo", help="where the erased pipeline goes")
     demo.add_argument("--steps", type=int, help=f"RGD steps (default {DEMO['max_steps']})")
     demo.add_argument("--limit", type=int, help="evaluate only the first N of the 480 captions")
