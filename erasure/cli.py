@@ -28,7 +28,6 @@ def _demo(args) -> None:
     """The main job on the embedded default: erase "striped" from the shipped micro world with RGD,
     evaluate base against erased with the world's oracle, export, load the export back, sample."""
     import numpy as np
-    import torch
     from diffusers import DiffusionPipeline
     from PIL import Image
 
