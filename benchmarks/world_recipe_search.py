@@ -1,18 +1,21 @@
-"""The micro-world recipe search behind erasure/world/model.py's defaults (README, "The micro world").
+"""The micro-world recipe search behind erasure/world/model.py's and render.py's defaults (README, "The micro world").
 
-    python benchmarks/world_recipe_search.py prep DIR [--crisp-oracle] [--device cuda] [--set KEY=VALUE]
-    python benchmarks/world_recipe_search.py run DIR NAME [--device cuda]     # NAME: a key of ROUND1/ROUND2
-    python benchmarks/world_recipe_search.py speed                              # CPU step time, 2 threads
+    bash benchmarks/world_recipe_search.sh ROUND DIR                              # a whole round on one GPU
+    python benchmarks/world_recipe_search.py prep DIR --round ROUND [--device cuda] [--crisp-oracle]
+    python benchmarks/world_recipe_search.py run DIR NAME [--device cuda]        # NAME: a config of a round
+    python benchmarks/world_recipe_search.py confusion WORLD_DIR                   # texture confusions of a built world
+    python benchmarks/world_recipe_search.py speed                                 # CPU step time, 2 threads
 
-`prep` trains the oracle and the VAE once (shared by every `run`) and prints the oracle's read-back
-of VAE reconstructions of held-out captions; `run` trains one world model on top and prints, per
-(sampler steps, guidance), the oracle's read-back on held-out and on training captions.
-benchmarks/world_recipe_search.sh ROUND DIR runs every config of a round on one GPU. Round 1
-(logs in benchmarks/results/world-search/call*.log) changed the defaults of its time (THEN) and ran
-with the renderer of commit 6ca3c12 (5–6 px texture periods) and the full CLIP vocabulary; round 2
-(benchmarks/results/world-search/round2*.log) changes today's WorldRecipe defaults, on today's
-renderer (7–9 px periods), and repeats configs over seeds because texture read-back varied by
-±0.15 between runs of one recipe.
+`prep` trains, for every texture geometry the round uses, the oracle and the VAE once into
+DIR/<geometry>/ (shared by every `run` of that geometry) and prints the oracle's read-back of fresh
+renders and of VAE reconstructions of held-out captions; `run` trains one world model on top and
+prints, per (sampler steps, guidance), the oracle's read-back on held-out and on training captions.
+
+Round 1 (logs benchmarks/results/world-search/call*.log) changed the recipe defaults of its time
+(THEN) on the 5–6 px textures of commit 6ca3c12, with the full CLIP vocabulary (so today's run of it
+differs in the text encoder's initialisation). Round 2 (round2-*.log) changed today's recipe on the
+7–9 px any-angle textures of 000a248 and repeated configs over seeds, because texture read-back
+varied by ±0.15 between runs of one recipe. Round 3 (round3-*.log) changed the texture geometry.
 """
 
 from __future__ import annotations
@@ -29,9 +32,28 @@ from erasure.world import model as world
 from erasure.world import render
 from erasure.world.oracle import accuracy, load_oracle, save_oracle, train_oracle
 
-# Round 1: the defaults when it ran; each config changes the named fields.
-THEN = {"text_hidden": 48, "lr": 1e-3, "ema_decay": 0.999, "quality_per_combo": 4, "steps": 3000}
-ROUND1 = {
+# Texture geometries (render.TEXTURE_GEOMETRY), each complete, so that a variant means the same
+# whatever today's default is.
+_ANY_ANGLE = {"stripe_angles": None, "stripe_angle_jitter": 0.0}
+_AXIS = {"stripe_angles": (0.0, math.pi / 2), "stripe_angle_jitter": 0.2}
+_COARSE = {"stripe_period": (7.0, 9.0), "dot_period": (7.0, 8.0), "dot_radius": 0.28}
+GEOMETRY = {
+    # renderer of 6ca3c12 (round 1)
+    "fine-any-angle": {**_ANY_ANGLE, "stripe_period": (5.0, 7.0), "dot_period": (5.0, 6.0), "dot_radius": 0.26,
+                       "check_cell": (3.2, 4.2)},
+    # renderer of 000a248 (round 2)
+    "any-angle-5px-checks": {**_ANY_ANGLE, **_COARSE, "check_cell": (4.5, 5.5)},
+    # round 3: stripes only near-horizontal or near-vertical, so no stripe looks like half a
+    # checkerboard; and/or 6.5–7.5 px cells, a scale apart from the stripes
+    "axis": {**_AXIS, **_COARSE, "check_cell": (4.5, 5.5)},
+    "coarse-checks": {**_ANY_ANGLE, **_COARSE, "check_cell": (6.5, 7.5)},
+    "axis-coarse-checks": {**_AXIS, **_COARSE, "check_cell": (6.5, 7.5)},  # today's default
+}
+
+# Each config: WorldRecipe changes, plus the geometry it renders with.
+THEN = {"text_hidden": 48, "lr": 1e-3, "ema_decay": 0.999, "quality_per_combo": 4, "steps": 3000,
+        "geometry": "fine-any-angle"}
+ROUND1 = {name: {**THEN, **change} for name, change in {
     "then-default": {},
     "lr-5e-4": {"lr": 5e-4},
     "cosine": {"beta_schedule": "squaredcos_cap_v2"},
@@ -42,12 +64,12 @@ ROUND1 = {
     "lr-2e-3-ema-0.9995": {"lr": 2e-3, "ema_decay": 0.9995},
     "text-64-unet-96": {"text_hidden": 64, "unet_channels": [32, 64, 96]},
     "text-64-unet-96-lr-2e-3": {"text_hidden": 64, "unet_channels": [32, 64, 96], "lr": 2e-3, "ema_decay": 0.9995},
-    "text-64-lr-2e-3": {"text_hidden": 64, "lr": 2e-3, "ema_decay": 0.9995},  # today's default
+    "text-64-lr-2e-3": {"text_hidden": 64, "lr": 2e-3, "ema_decay": 0.9995},  # today's default recipe
     "text-64-unet-96-2500": {"text_hidden": 64, "unet_channels": [32, 64, 96], "steps": 2500},
-}
-# Round 2: changes to today's WorldRecipe defaults. `seed` moves the diffusion model's
-# initialisation, batches and held-out split (the shared oracle and VAE stay those of seed 0).
-ROUND2 = {
+}.items()}
+# `seed` moves the diffusion model's initialisation, batches and held-out split (the shared oracle
+# and VAE stay those of seed 0).
+ROUND2 = {name: {"geometry": "any-angle-5px-checks", **change} for name, change in {
     "default": {},
     "default-seed-1": {"seed": 1},
     "text-128": {"text_hidden": 128},
@@ -56,35 +78,21 @@ ROUND2 = {
     "text-96": {"text_hidden": 96},
     "text-128-3-layers": {"text_hidden": 128, "text_layers": 3},
     "text-128-attention-16px": {"text_hidden": 128, "unet_attention": [True, True, True]},
-}
-# Round 3: the texture geometry (erasure/world/render.py TEXTURE_GEOMETRY). Round 2 left texture at
-# 0.71–0.80 for every recipe; the world models drew checks as smeared diagonal waves — the two
-# diagonal gratings a checkerboard is made of — which the oracle read as stripes.
-# "axis": stripes only near-horizontal or near-vertical, so no stripe looks like half a checkerboard;
-# "coarse-checks": 6.5–7.5 px cells, a scale apart from the stripes; "axis-coarse-checks": both.
-# (The geometry chosen, axis-coarse-checks, is today's default.)
-GEOMETRY = {
-    "any-angle-5px-checks": {"stripe_angles": None, "stripe_angle_jitter": 0.0, "check_cell": (4.5, 5.5)},  # round 2
-    "axis": {"stripe_angles": (0.0, math.pi / 2), "stripe_angle_jitter": 0.2},
-    "coarse-checks": {"check_cell": (6.5, 7.5)},
-    "axis-coarse-checks": {"stripe_angles": (0.0, math.pi / 2), "stripe_angle_jitter": 0.2,
-                           "check_cell": (6.5, 7.5)},
-}
-ROUND3 = {f"{g}-seed-{s}": {"seed": s} for g in GEOMETRY for s in (0, 1)}
-ROUNDS = {"1": (THEN, ROUND1), "2": ({}, ROUND2), "3": ({}, ROUND3)}
+}.items()}
+# Round 2 left texture at 0.71–0.80 for every recipe: the world models drew checks as smeared
+# diagonal waves — the two diagonal gratings a checkerboard is made of — read as stripes.
+ROUND3 = {f"{g}-seed-{s}": {"geometry": g, "seed": s} for g in ("axis", "coarse-checks", "axis-coarse-checks")
+          for s in (0, 1)}
+ROUNDS = {"1": ROUND1, "2": ROUND2, "3": ROUND3}
+# Oracle training steps of each round's prep (the default was 1500 until round 3's result shipped).
+PREP = {"1": {"oracle_steps": 1500}, "2": {"oracle_steps": 2500}, "3": {"oracle_steps": 1500}}
+CONFIGS = {name: change for configs in ROUNDS.values() for name, change in configs.items()}
 
 
-def use_geometry(name: str | None) -> None:
-    """Switch the renderer to a GEOMETRY variant (for prep and run alike)."""
-    if name:
-        render.TEXTURE_GEOMETRY.update(GEOMETRY[name])
+def use_geometry(name: str) -> None:
+    render.TEXTURE_GEOMETRY.update(GEOMETRY[name])
 
 
-def config(name: str) -> dict:
-    for base, configs in ROUNDS.values():
-        if name in configs:
-            return {**base, **configs[name]}
-    raise KeyError(name)
 GRID = [(20, 3.0), (20, 2.0), (15, 3.0)]
 
 
@@ -92,8 +100,14 @@ def _uint8(x: torch.Tensor):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def prep(out: Path, crisp_oracle: bool, device: str, overrides: dict) -> None:
-    recipe = world.WorldRecipe.from_dict(overrides)
+def prep(out: Path, round_: str, crisp_oracle: bool, device: str) -> None:
+    for geometry in sorted({c["geometry"] for c in ROUNDS[round_].values()}):
+        print(f"== {geometry}", flush=True)
+        use_geometry(geometry)
+        prep_one(out / geometry, world.WorldRecipe.from_dict(PREP[round_]), crisp_oracle, device)
+
+
+def prep_one(out: Path, recipe: world.WorldRecipe, crisp_oracle: bool, device: str) -> None:
     train, held = world.split_combinations(recipe.seed, recipe.held_out)
     oracle = train_oracle(recipe.oracle_steps, seed=recipe.seed, augment=not crisp_oracle)
     save_oracle(oracle, out / "oracle")
@@ -110,9 +124,12 @@ def prep(out: Path, crisp_oracle: bool, device: str, overrides: dict) -> None:
 def run(shared: Path, name: str, device: str) -> None:
     from diffusers import AutoencoderKL
 
-    recipe = world.WorldRecipe.from_dict(config(name))
-    oracle = load_oracle(shared / "oracle")
-    vae = AutoencoderKL.from_pretrained(shared / "vae").to(device)
+    change = dict(CONFIGS[name])
+    geometry = change.pop("geometry")
+    use_geometry(geometry)
+    recipe = world.WorldRecipe.from_dict(change)
+    oracle = load_oracle(shared / geometry / "oracle")
+    vae = AutoencoderKL.from_pretrained(shared / geometry / "vae").to(device)
     train, held = world.split_combinations(recipe.seed, recipe.held_out)
     text_encoder, unet = world.train_diffusion(recipe, vae, train, device=device)
     pipe = world.assemble_pipeline(recipe, vae, text_encoder, unet).to(device)
@@ -123,6 +140,28 @@ def run(shared: Path, name: str, device: str) -> None:
         print(json.dumps({"config": name, "steps": steps, "guidance": guidance,
                           "held": {k: round(v, 3) for k, v in held_out.items()},
                           "train": {k: round(v, 3) for k, v in seen.items()}}), flush=True)
+
+
+def confusion(folder: Path) -> None:
+    """Prompted → read texture counts on 160 training captions of a built world (its own oracle and sampler)."""
+    from collections import Counter
+
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from erasure.world.render import caption
+
+    torch.set_num_threads(2)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    train, _ = world.split_combinations(0, 48)
+    combos = [train[i] for i in np.random.default_rng(0).choice(len(train), 160, replace=False)]
+    steps, guidance = world.world_sampler(folder)
+    images = world.sample(pipe, [caption(c) for c in combos], 1000, steps, guidance)
+    read = world.world_oracle(folder).predict(images)
+    counts = Counter((c["texture"], r["texture"]) for c, r in zip(combos, read))
+    for (asked, seen), n in sorted(counts.items()):
+        print(f"{asked:>10} → {seen:<10} {n}")
 
 
 def speed() -> None:
@@ -152,24 +191,22 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prep")
     p.add_argument("dir", type=Path)
+    p.add_argument("--round", required=True, choices=sorted(ROUNDS))
     p.add_argument("--crisp-oracle", action="store_true", help="train the oracle on clean renders only")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a WorldRecipe default")
     r = sub.add_parser("run")
     r.add_argument("dir", type=Path)
-    r.add_argument("name", choices=sorted(set(ROUND1) | set(ROUND2) | set(ROUND3)))
+    r.add_argument("name", choices=sorted(CONFIGS))
     r.add_argument("--device", default="cpu")
+    c = sub.add_parser("confusion")
+    c.add_argument("world", type=Path)
     sub.add_parser("speed")
-    for sp in (p, r):
-        sp.add_argument("--geometry", choices=sorted(GEOMETRY), help="a texture GEOMETRY variant")
     args = parser.parse_args()
-    use_geometry(getattr(args, "geometry", None))
     if args.command == "prep":
-        import yaml
-
-        prep(args.dir, args.crisp_oracle, args.device,
-             {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
+        prep(args.dir, args.round, args.crisp_oracle, args.device)
     elif args.command == "run":
         run(args.dir, args.name, args.device)
+    elif args.command == "confusion":
+        confusion(args.world)
     else:
         speed()

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from erasure.data.generate import write_atomically
 from erasure.methods import METHOD_TABLE
-
-ROOT = Path(__file__).resolve().parents[1]
-CONCEPTS = ("striped", "triangle")
+from erasure.world.data import CHECKOUT as ROOT
+from erasure.world.data import CONCEPTS
 
 
 def recipe_path(concept: str, method: str) -> Path:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from erasure.data.paired import DataError
+from erasure.world.data import CONCEPTS as WORLD_CONCEPTS
 
 # The main job's embedded default: recipes/world/striped/rgd.yaml (RGD erasing "striped" from the
 # shipped micro world), spelled out so that `erasure demo` needs no recipe file.
@@ -37,7 +38,7 @@ def _demo(args) -> None:
     from erasure.eval.runner import evaluate
     from erasure.eval.suite import load_suite
     from erasure.trainer import train
-    from erasure.world.model import sample, world_path
+    from erasure.world.model import sample, world_path, world_sampler
 
     out = Path(args.out).resolve()
     base = world_path()
@@ -49,10 +50,12 @@ def _demo(args) -> None:
     report = evaluate(suite, ["world:micro", str(out)], out / "eval")
     erased = DiffusionPipeline.from_pretrained(out)  # what a user of the export does
     original = DiffusionPipeline.from_pretrained(base)
+    steps, guidance = world_sampler(base)
     rows = []
     for pipe in (original, erased):
         pipe.set_progress_bar_config(disable=True)
-        rows.append(np.concatenate(list(sample(pipe, DEMO_PROMPTS, seed=0, steps=20, guidance_scale=3.0)), axis=1))
+        rows.append(np.concatenate(list(sample(pipe, DEMO_PROMPTS, seed=0, steps=steps, guidance_scale=guidance)),
+                                   axis=1))
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     samples = out / "samples.png"
     grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(samples)
@@ -175,21 +178,13 @@ def _bench_micro(args) -> None:
 
 
 def _world_build(args) -> None:
-    import dataclasses
-
-    import yaml
-
     from erasure.config import RecipeError
     from erasure.world.model import WorldRecipe, build_world
 
-    fields = {f.name for f in dataclasses.fields(WorldRecipe)}
-    overrides = {"seed": args.seed}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise RecipeError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        overrides[key] = yaml.safe_load(value)  # YAML scalars and lists, as train's flags
-    recipe = WorldRecipe.from_dict(overrides)
+    try:
+        recipe = WorldRecipe.from_settings(args.set, {"seed": args.seed})
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     record = build_world(args.out, recipe, device=args.device)
     bar = record["quality_bar"]
     print(f"\nworld written to {args.out} ({record['timings_s']})")
@@ -227,7 +222,7 @@ def _main(argv: list[str] | None = None) -> None:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     micro = bench_commands.add_parser(
         "micro", help="every method on the same micro-world data, seeds and budget: table and plot (RGD Table 1)")
-    micro.add_argument("--concept", required=True, choices=["striped", "triangle"])
+    micro.add_argument("--concept", required=True, choices=WORLD_CONCEPTS)
     micro.add_argument("--out", help="default: bench-micro-<concept>")
     micro.add_argument("--methods", nargs="+", help="default: every method with a recipe in recipes/world/<concept>/")
     micro.add_argument("--steps", type=int, help="override every recipe's max_steps (reduced budgets)")

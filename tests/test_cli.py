@@ -11,7 +11,6 @@ from diffusers import DiffusionPipeline
 from conftest import REPO, RECIPES
 
 
-
 def test_accelerate_launch_train_py_with_a_tiny_recipe_on_a_fresh_cache(tmp_path):
     env = {**os.environ, "ERASURE_CACHE": str(tmp_path / "cache")}  # nothing built yet
     done = subprocess.run(

@@ -25,6 +25,8 @@ import numpy as np
 
 from erasure.data.paired import DataError
 
+WORLD_PROMPTS = ("all", "held_out")  # prompts.world: every caption, or the shipped world's held-out ones
+
 
 def concept_attribute(concept: str) -> str:
     from erasure.world.render import ATTRIBUTES
@@ -48,7 +50,7 @@ def world_prompts(which: str) -> list[str]:
         return [caption(c) for c in all_combinations()]
     if which == "held_out":
         return json.loads((world_path() / WORLD_FILE).read_text())["held_out_captions"]
-    raise ValueError(f"prompts.world: {which!r}; choose 'all' or 'held_out'")
+    raise ValueError(f"prompts.world: {which!r}; choose one of {', '.join(WORLD_PROMPTS)}")
 
 
 def oracle_for(settings: dict, model_folder: Path):

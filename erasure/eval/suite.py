@@ -97,8 +97,11 @@ def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
             concept_attribute(resolved["micro_world"]["concept"])
         except ValueError as e:
             raise SuiteError(f"{where}: {e}") from None
-    if prompts.get("world") and prompts["world"] not in ("all", "held_out"):
-        raise SuiteError(f"{where}: prompts.world: {prompts['world']!r}; choose 'all' or 'held_out'")
+    if prompts.get("world"):
+        from erasure.eval.micro import WORLD_PROMPTS
+
+        if prompts["world"] not in WORLD_PROMPTS:
+            raise SuiteError(f"{where}: prompts.world: {prompts['world']!r}; choose one of {', '.join(WORLD_PROMPTS)}")
     if "nudenet" in resolved and resolved["nudenet"]["classes"] not in ("exposed", "all"):
         raise SuiteError(f"{where}: metrics.nudenet.classes: 'exposed' or 'all'")
     suite.update(prompts=prompts, generation=generation, metrics=resolved, name=suite.get("name") or path.stem,

@@ -12,7 +12,9 @@ from pathlib import Path
 
 CONCEPTS = ("striped", "triangle")
 SIDES = ("forget", "retain")
-STEPS, GUIDANCE, IMAGES_PER_PROMPT = 20, 3.0, 2
+IMAGES_PER_PROMPT = 2
+# The repository checkout: concept specs (prompts/), recipes and suites live beside the package.
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def set_names() -> list[str]:
@@ -29,7 +31,7 @@ def parse_source(source: str) -> tuple[str, str]:
 
 
 def spec_path(concept: str) -> Path:
-    path = Path(__file__).resolve().parents[2] / "prompts" / f"world-{concept}.yaml"
+    path = CHECKOUT / "prompts" / f"world-{concept}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: micro-world pair sets are built from the concept specs "
                                 "in a checkout's prompts/ folder")
@@ -40,7 +42,7 @@ def world_pairs(name: str) -> Path:
     """The folder holding forget/ and retain/ for set ``name`` (built in the erasure cache if missing)."""
     from erasure.backbones import cache_dir, weights_sha256
     from erasure.tiny import build_atomically
-    from erasure.world.model import world_path
+    from erasure.world.model import world_path, world_sampler
 
     concept, uniform = name.removesuffix("-uniform"), name.endswith("-uniform")
     world = world_path()
@@ -51,7 +53,8 @@ def world_pairs(name: str) -> Path:
         from erasure.prompts.spec import load_spec
 
         build_prompt_sets(load_spec(spec_path(concept)), folder / "prompts", uniform=uniform)
-        generate_pairs(folder / "prompts" / "train.jsonl", str(world), folder, steps=STEPS, guidance=GUIDANCE,
+        steps, guidance = world_sampler(world)
+        generate_pairs(folder / "prompts" / "train.jsonl", str(world), folder, steps=steps, guidance=guidance,
                        images_per_prompt=IMAGES_PER_PROMPT, batch_size=64, seed=0, show_progress=False)
 
     return build_atomically(cache_dir() / "world" / f"{name}-{weights_sha256(world)[:12]}", build)

@@ -85,6 +85,20 @@ class WorldRecipe:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
 
+    @classmethod
+    def from_settings(cls, items: list[str], base: dict | None = None) -> "WorldRecipe":
+        """``base`` changed by ``KEY=VALUE`` items (``--set`` of `erasure world build`; values are YAML)."""
+        import yaml
+
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = dict(base or {})
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key not in fields:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+            data[key] = yaml.safe_load(value)  # YAML scalars and lists, as train's flags
+        return cls.from_dict(data)
+
 
 def world_path(model: str = "world:micro") -> Path:
     """The folder behind a ``world:`` model id (only ``world:micro``, the shipped world, exists)."""
@@ -94,6 +108,12 @@ def world_path(model: str = "world:micro") -> Path:
         raise ValueError(f"model: world:micro is missing from this installation ({SHIPPED}); "
                          "rebuild it with `erasure world build --out " + str(SHIPPED) + "`")
     return SHIPPED
+
+
+def world_sampler(folder=None) -> tuple[int, float]:
+    """(steps, guidance) of a world folder's own sampler, as its build recorded them (default: the shipped world)."""
+    sampler = json.loads((Path(folder or world_path()) / WORLD_FILE).read_text())["sampler"]
+    return sampler["num_inference_steps"], sampler["guidance_scale"]
 
 
 def world_oracle(folder) -> Oracle:
