@@ -1,5 +1,12 @@
 """`erasure bench micro --concept striped`: every method on the same micro-world data, seeds and budget.
 
+With ``--frontier`` each method instead trains once for a long budget under the training-time
+monitor (erasure/monitor.py), which reads the model every k steps on a fixed subset of the world's
+captions, named and by alias: UA, implicit UA, neighbour accuracy and RA along the run — the
+frontier — over several seeds. UCE, which has no steps, draws its frontier over its preserve scale
+λ_p. The table reports *retention at erasure*: per method, the best neighbour accuracy and RA among
+the points with UA ≥ 0.90 and with UA ≥ 0.95, averaged over the seeds that reach it.
+
 Each method trains from ``recipes/world/<concept>/<method>.yaml`` in its own process (so its peak
 memory is its own: the child's peak RSS from ``wait4``, and the GPU peak from its erasure card when
 on CUDA), then one evaluation renders the micro suite (``eval/micro-<concept>.yaml``) for the base
@@ -91,6 +98,130 @@ def bench_micro(concept: str, out: str | Path, methods: list[str] | None = None,
     return result
 
 
+FRONTIER = {"steps": 150, "every": 10, "images": 192, "seeds": (0, 1, 2)}
+UCE_PRESERVE_SCALES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+THRESHOLDS = (0.90, 0.95)
+CURVE_KEYS = ("UA", "implicit_UA", "neighbour_accuracy", "RA")
+
+
+def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = None, steps: int | None = None,
+                   every: int | None = None, images: int | None = None, seeds=None, preserve_scales=None,
+                   show: bool = True) -> dict:
+    from erasure.config import read_recipe
+
+    if concept not in CONCEPTS:
+        raise ValueError(f"--concept {concept!r}; the micro-world concepts are {', '.join(CONCEPTS)}")
+    methods = methods or default_methods(concept)
+    missing = [m for m in methods if not recipe_path(concept, m).is_file()]
+    if missing:
+        raise ValueError(f"no recipe for {', '.join(missing)} under {ROOT / 'recipes' / 'world' / concept}")
+    steps, every = steps or FRONTIER["steps"], every or FRONTIER["every"]
+    images, seeds = images or FRONTIER["images"], tuple(seeds if seeds is not None else FRONTIER["seeds"])
+    out = Path(out)
+    watch = {"monitor_every": every, "monitor_prompts": "world:all+aliases", "monitor_images": images,
+             "checkpointing_steps": 0}
+    curves = {}
+    for method in methods:
+        closed = METHOD_TABLE[read_recipe(recipe_path(concept, method))["method"]].closed_form
+        runs = []
+        for seed in seeds:
+            if show:
+                print(f"\n== {method}, seed {seed}", flush=True)
+            points = []
+            # UCE has no steps: its points are edits at increasing preserve scales λ_p.
+            for scale in ((preserve_scales or UCE_PRESERVE_SCALES) if closed else (None,)):
+                overrides = {**watch, "seed": seed, **({"uce_preserve_scale": scale} if closed else {"max_steps": steps})}
+                folder = out / "models" / f"{method}-seed{seed}" / (f"lp{scale:g}" if closed else "")
+                cost = train_one(recipe_path(concept, method), folder, overrides, show=False)
+                history = json.loads((folder / "erasure.json").read_text())["run"]["monitor"]["history"]
+                for check in history:
+                    points.append({"step": check["step"], **({"uce_preserve_scale": scale} if closed else {}),
+                                   **{k: check["world"][k] for k in CURVE_KEYS}})
+            runs.append({"seed": seed, "points": points, "wall_s": cost["wall_s"]})
+        curves[method] = {"runs": runs, "closed_form": closed, "retention": retention_at_erasure(runs)}
+    result = {"concept": concept, "steps": steps, "every": every, "images": images, "seeds": list(seeds),
+              "captions": "world:all+aliases", "methods": curves}
+    write_atomically(out / "frontier.json", lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    table = frontier_table(result)
+    write_atomically(out / "frontier.md", lambda f: f.write((table + "\n").encode()))
+    frontier_plot(result, out / "frontier.png")
+    return result
+
+
+def retention_at_erasure(runs: list[dict]) -> dict:
+    """Per threshold: over the seeds whose run reached UA ≥ threshold, the mean (and spread) of the
+    best neighbour accuracy and the best RA among the points that reached it."""
+    import numpy as np
+
+    table = {}
+    for threshold in THRESHOLDS:
+        best = {"neighbour_accuracy": [], "RA": []}
+        for run in runs:
+            reached = [p for p in run["points"] if p["UA"] is not None and p["UA"] >= threshold]
+            if reached:
+                for key in best:
+                    best[key].append(max(p[key] for p in reached))
+        table[f"{threshold:.2f}"] = {"seeds_reached": len(best["RA"]), "seeds": len(runs),
+                                     **{k: (float(np.mean(v)), float(np.std(v))) if v else None
+                                        for k, v in best.items()}}
+    return table
+
+
+def frontier_table(result: dict) -> str:
+    head = " | ".join(f"neighbour @ UA ≥ {t:.2f} ↑ | RA @ UA ≥ {t:.2f} ↑" for t in THRESHOLDS)
+    lines = [f"| method | {head} |", "|---|" + "---|" * (2 * len(THRESHOLDS))]
+    for method, curve in result["methods"].items():
+        cells = []
+        for threshold in THRESHOLDS:
+            r = curve["retention"][f"{threshold:.2f}"]
+            if r["RA"] is None:
+                cells += ["not reached", "not reached"]
+                continue
+            note = "" if r["seeds_reached"] == r["seeds"] else f" ({r['seeds_reached']}/{r['seeds']} seeds)"
+            cells += [f"{r['neighbour_accuracy'][0]:.3f} ± {r['neighbour_accuracy'][1]:.3f}{note}",
+                      f"{r['RA'][0]:.3f} ± {r['RA'][1]:.3f}{note}"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def frontier_plot(result: dict, path: Path) -> None:
+    """UA against neighbour accuracy and against RA, one curve per method: the mean over seeds at each
+    step (UCE: each λ_p), with a band of ± one standard deviation of the retention axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+    for method, curve in result["methods"].items():
+        by_point = {}
+        for run in curve["runs"]:
+            for p in run["points"]:
+                by_point.setdefault(p.get("uce_preserve_scale", p["step"]), []).append(p)
+        order = sorted(by_point)
+        for ax, key in zip(axes, ("neighbour_accuracy", "RA")):
+            ua = np.array([np.mean([p["UA"] for p in by_point[k]]) for k in order])
+            x = np.array([np.mean([p[key] for p in by_point[k]]) for k in order])
+            spread = np.array([np.std([p[key] for p in by_point[k]]) for k in order])
+            style = "--" if curve["closed_form"] else "-"
+            line, = ax.plot(x, ua, style, marker=".", label=method)
+            ax.fill_betweenx(ua, x - spread, x + spread, color=line.get_color(), alpha=0.15)
+    for ax, label in zip(axes, ("neighbour accuracy (other values kept) ↑", "RA (everything else kept) ↑")):
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(label)
+        ax.axhline(0.95, color="gray", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"UA ({result['concept']} erased) ↑")
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"micro world: erasing {result['concept']!r} — frontier over {len(result['seeds'])} seeds, "
+                 f"every {result['every']} steps (UCE: over λ_p)")
+    fig.tight_layout()
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
 def _f(value, digits=3):
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -98,13 +229,13 @@ def _f(value, digits=3):
 def bench_table(result: dict) -> str:
     gpu = any(r.get("peak_gpu_gib") for r in result["rows"])
     memory = "peak GPU GiB" if gpu else "peak RSS MiB"
-    lines = [f"| method | UA ↑ | neighbour acc. ↑ | RA ↑ | forget context ↑ | Fréchet to base ↓ | wall s | {memory} |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | UA ↑ | implicit UA ↑ | neighbour acc. ↑ | RA ↑ | forget context ↑ | Fréchet to base ↓ "
+             f"| wall s | {memory} |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem = r.get("peak_gpu_gib") if gpu else r.get("peak_rss_mib")
-        lines.append(f"| {r['method']} | {_f(r['UA'])} | {_f(r['neighbour_accuracy'])} | {_f(r['RA'])} | "
-                     f"{_f(r['forget_context'])} | {_f(r['frechet_to_first'])} | {_f(r.get('wall_s'), 0)} | "
-                     f"{_f(mem, 2 if gpu else 0)} |")
+        lines.append(f"| {r['method']} | {_f(r['UA'])} | {_f(r.get('implicit_UA'))} | {_f(r['neighbour_accuracy'])} | "
+                     f"{_f(r['RA'])} | {_f(r['forget_context'])} | {_f(r['frechet_to_first'])} | "
+                     f"{_f(r.get('wall_s'), 0)} | {_f(mem, 2 if gpu else 0)} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from erasure.world.oracle import Oracle, accuracy, load_oracle, save_oracle, train_oracle
-from erasure.world.render import ATTRIBUTES, SIZE, caption, parse_caption, render, render_batch, sample_attributes
+from erasure.world.render import (ALIASED, ALIASES, ATTRIBUTES, SIZE, aliased_attributes, caption, parse_caption,
+                                  render, render_batch, sample_attributes)
 from erasure.world.render import _BACKGROUNDS
 
 
@@ -40,6 +41,30 @@ def test_every_caption_parses_back():
         "a red circle on a black background"
     )
     assert parse_caption("An orange dotted cross on a navy background.")["colour"] == "orange"
+
+
+def test_alias_captions_parse_to_the_same_attributes():
+    from erasure.tiny import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    for key, table in ALIASES.items():
+        assert set(table) <= set(ATTRIBUTES[key])
+        for value, alias in table.items():
+            # one token each, none shared with the main word: the world has to learn the alias
+            assert len(tokenizer.tokenize(alias)) == 1
+            assert not set(tokenizer.tokenize(alias)) & set(tokenizer.tokenize(value))
+    captions = set()
+    for values in itertools.product(*ATTRIBUTES.values()):
+        attrs = dict(zip(ATTRIBUTES, values))
+        text = caption(attrs, aliased=ALIASED)
+        assert parse_caption(text) == attrs
+        assert aliased_attributes(text) == {k for k in ALIASED if attrs[k] in ALIASES[k]}
+        assert aliased_attributes(caption(attrs)) == set()
+        captions.add(text)
+    assert len(captions) == len(ATTRIBUTES["shape"]) * 6 * 4 * 4
+    attrs = {"shape": "triangle", "colour": "red", "background": "black", "texture": "striped"}
+    assert caption(attrs, aliased=("texture",)) == "a red banded triangle on a black background"
+    assert caption(attrs, aliased=ALIASED) == "a red banded wedge on a black background"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erasure.world import model as world
-from erasure.world.render import ATTRIBUTES, caption
+from erasure.world.render import ALIASED, ATTRIBUTES, caption
 
 MB = 1_000_000
 
@@ -91,6 +91,8 @@ def test_world_build_refuses_unknown_setting(tmp_path, capsys):
 def test_shipped_world_meets_its_bar_and_size():
     record = json.loads((world.SHIPPED / world.WORLD_FILE).read_text())
     assert all(v >= record["quality_bar"] == 0.9 for v in record["quality_held_out"].values()), record
+    # every alias is drawn as its main word: the same held-out captions, texture and shape by alias
+    assert all(v >= record["quality_bar"] for v in record["quality_held_out_aliases"].values()), record
     assert record["sampler"]["num_inference_steps"] <= 25
     size = sum(f.stat().st_size for f in world.SHIPPED.rglob("*") if f.is_file())
     assert size <= 15 * MB, size
@@ -106,10 +108,12 @@ def test_shipped_world_draws_what_it_is_asked():
     pipe.set_progress_bar_config(disable=True)
     oracle = world.world_oracle(world.SHIPPED)
     combos = world.all_combinations()[5::40]  # 12 captions, every attribute value at least once
-    images = world.sample(pipe, [caption(c) for c in combos], seed=7, steps=20, guidance_scale=3.0)
-    read = world.read_back(oracle, images, combos)
-    # chance is 1/4 to 1/6 per attribute; the shipped world reads back ≥ 90 % on held-out captions
-    assert all(v >= 0.75 for v in read.values()), read
+    for aliased in ((), ALIASED):  # "a red striped circle …" and "a red banded disc …" alike
+        images = world.sample(pipe, [caption(c, aliased=aliased) for c in combos], seed=7, steps=20,
+                              guidance_scale=3.0)
+        read = world.read_back(oracle, images, combos)
+        # chance is 1/4 to 1/6 per attribute; the shipped world reads back ≥ 90 % on held-out captions
+        assert all(v >= 0.75 for v in read.values()), (aliased, read)
 
 
 def test_micro_suite_scores_the_shipped_world(tmp_path):
@@ -120,12 +124,20 @@ def test_micro_suite_scores_the_shipped_world(tmp_path):
     report = evaluate(suite, ["world:micro", "world:micro"], tmp_path, show=False)
     first, second = (m["metrics"]["micro_world"] for m in report["models"])
     assert first["attribute"] == "texture" and first["forget_images"] == 10 and first["other_images"] == 30
+    assert first["implicit_UA"] is None  # the first 40 captions of all+aliases name every attribute
     assert first["UA"] <= 0.3  # the base world draws stripes when asked
     assert first["neighbour_accuracy"] >= 0.7 and first["RA"] >= 0.8
     assert first == {**second, "frechet_to_first": first["frechet_to_first"]}
     assert second["frechet_to_first"] < 1e-6
     text = (tmp_path / "report.md").read_text()
     assert "Micro world (erased: texture 'striped'" in text and (tmp_path / "micro_world.png").is_file()
+
+    # asked by the alias ("banded"), the base world still draws stripes: implicit UA is low too
+    aliases = load_suite(Path("eval/micro-striped.yaml"), {"prompts": {"world": "aliases", "limit": 40},
+                                                           "generation": {"batch_size": 40}})
+    implicit = evaluate(aliases, ["world:micro"], tmp_path / "aliases", show=False)["models"][0]["metrics"]["micro_world"]
+    assert implicit["UA"] is None and implicit["implicit_forget_images"] == 10
+    assert implicit["implicit_UA"] <= 0.3 and implicit["implicit_neighbour_accuracy"] >= 0.7
 
 
 def test_micro_suite_refuses_a_concept_outside_the_world(tmp_path):
@@ -138,7 +150,7 @@ def test_micro_suite_refuses_a_concept_outside_the_world(tmp_path):
 def test_world_concept_specs_build_parseable_pairs(tmp_path):
     from erasure.prompts.build import build_prompt_sets
     from erasure.prompts.spec import load_spec
-    from erasure.world.render import parse_caption
+    from erasure.world.render import aliased_attributes, parse_caption
 
     for concept, attribute in (("striped", "texture"), ("triangle", "shape")):
         spec = load_spec(Path(f"prompts/world-{concept}.yaml"))
@@ -147,6 +159,9 @@ def test_world_concept_specs_build_parseable_pairs(tmp_path):
             build_prompt_sets(spec, out, uniform=uniform)
             rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
             for row in rows:
+                # forget prompts name the concept: its alias stays out, so that implicit UA measures
+                # what an erasure of the word leaves reachable
+                assert not aliased_attributes(row["forget_prompt"]) and not aliased_attributes(row["retain_prompt"])
                 forget, retain = parse_caption(row["forget_prompt"]), parse_caption(row["retain_prompt"])
                 assert forget[attribute] == concept and retain[attribute] != concept
                 assert {k: v for k, v in forget.items() if k != attribute} == \

@@ -109,6 +109,17 @@ def load_pipeline(folder: Path, device: str, dtype: str):
     return pipe.to(torch.device(device))
 
 
+def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int | None,
+                  device) -> list:
+    """One call of the pipeline's own sampler; image j comes from a generator seeded by ``seeds[j]``,
+    so it gets the same noise in any batch, on any rerun. Returns PIL images."""
+    import torch
+
+    size = size or native_size(pipe)
+    return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds]).images
+
+
 def native_size(pipe) -> int:
     denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     return denoiser.config.sample_size * pipe.vae_scale_factor
@@ -194,16 +205,9 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
     # Forget and retain batches alternate, so a killed run leaves mostly complete twins behind.
     for batch in (b for twins in zip_longest(batches("forget"), batches("retain")) for b in twins if b):
         side, chunk = batch
-        images = pipe(
-            prompt=[pairs[i][f"{side}_prompt"] for i, _ in chunk],
-            negative_prompt=None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=settings["size"],
-            width=settings["size"],
-            # One generator per image: image (i, k) gets the same noise in any batch, on any rerun.
-            generator=[torch.Generator(device=device).manual_seed(image_seed(i, k)) for i, k in chunk],
-        ).images
+        images = sample_images(pipe, [pairs[i][f"{side}_prompt"] for i, _ in chunk],
+                               [image_seed(i, k) for i, k in chunk], steps=steps, guidance=guidance,
+                               size=settings["size"], device=device)
         for (i, k), image in zip(chunk, images):
             write_atomically(out / side / f"{i:06d}_{k}.png", lambda f, im=image: im.save(f, format="PNG"))
         bar.update(len(chunk))

@@ -3,10 +3,15 @@
 For a concept value c of attribute A (texture "striped", shape "triangle"), over images generated
 from world captions:
 
-- UA (unlearning accuracy, higher is better): on forget captions (those asking for c), the share of
+- UA (unlearning accuracy, higher is better): on forget captions (those naming c), the share of
   images where the oracle does NOT read c — RGD's and SalUn's UA, with the oracle as classifier.
+- implicit UA (higher is better): the same on captions that ask for c by its alias only
+  (render.ALIASES: "banded" for striped, "wedge" for triangle), as I2P asks for nudity without the
+  word. An erasure that re-maps the concept's word and leaves the look reachable scores high UA and
+  low implicit UA.
 - neighbour accuracy (higher is better): on the other captions, the share where the oracle reads the
-  prompted value of A — the other textures or shapes must survive (the "other artists").
+  prompted value of A — the other textures or shapes must survive (the "other artists"). Implicit
+  neighbour accuracy: the same on alias captions.
 - RA (higher is better): on the other captions, the oracle's accuracy averaged over all four
   attributes — what the model still draws as asked.
 - forget context (higher is better): on forget captions, accuracy on the three other attributes —
@@ -15,6 +20,9 @@ from world captions:
 - Fréchet distance to the first model (lower is better): Fréchet distance (eq. of Heusel et al.
   2017, as FID) between the oracle's penultimate features of this model's images and the first
   model's (the base), prompt for prompt and seed for seed.
+
+UA, neighbour accuracy, RA and forget context are read on captions that use no alias; the implicit
+figures on captions with aliases (``world: all+aliases`` gives every combination both ways).
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import numpy as np
 
 from erasure.data.paired import DataError
 
-WORLD_PROMPTS = ("all", "held_out")  # prompts.world: every caption, or the shipped world's held-out ones
+# prompts.world: every combination named (480), every combination by its aliases (480), both (960),
+# or the shipped world's held-out captions.
+WORLD_PROMPTS = ("all", "aliases", "all+aliases", "held_out")
 
 
 def concept_attribute(concept: str) -> str:
@@ -39,15 +49,18 @@ def concept_attribute(concept: str) -> str:
 
 
 def world_prompts(which: str) -> list[str]:
-    """Captions of a world prompt source: ``all`` (every combination) or ``held_out`` (the shipped
-    world's captions never seen in training)."""
+    """Captions of a world prompt source (``WORLD_PROMPTS``)."""
     import json
 
     from erasure.world.model import WORLD_FILE, all_combinations, world_path
     from erasure.world.render import caption
 
-    if which == "all":
-        return [caption(c) for c in all_combinations()]
+    from erasure.world.render import ALIASED
+
+    named = [caption(c) for c in all_combinations()]
+    aliased = [caption(c, aliased=ALIASED) for c in all_combinations()]
+    if which in ("all", "aliases", "all+aliases"):
+        return {"all": named, "aliases": aliased, "all+aliases": named + aliased}[which]
     if which == "held_out":
         return json.loads((world_path() / WORLD_FILE).read_text())["held_out_captions"]
     raise ValueError(f"prompts.world: {which!r}; choose one of {', '.join(WORLD_PROMPTS)}")
@@ -79,45 +92,66 @@ def read_images(paths: list[Path]) -> np.ndarray:
     return np.stack(arrays)
 
 
-def score_micro(oracle, settings: dict, paths: list[Path], prompts: list[str]) -> tuple[dict, np.ndarray]:
-    """The metric dict, and the oracle features (for the Fréchet distance to the first model)."""
+def score_micro(oracle, settings: dict, images: np.ndarray, prompts: list[str]) -> tuple[dict, np.ndarray]:
+    """The metric dict for N×32×32×3 uint8 ``images`` of ``prompts``, and the oracle features (for
+    the Fréchet distance to the first model)."""
+    read, features = oracle_reads(oracle, images)
+    return micro_metrics(settings["concept"], prompts, read), features
+
+
+def oracle_reads(oracle, images: np.ndarray) -> tuple[list[dict], np.ndarray]:
+    """What the oracle reads in each image, and its penultimate features."""
     import torch
 
-    from erasure.world.render import ATTRIBUTES, parse_caption
-
-    concept = settings["concept"]
-    attribute = concept_attribute(concept)
-    try:
-        asked = [parse_caption(p) for p in prompts]
-    except ValueError as e:
-        raise DataError(f"metrics.micro_world reads micro-world captions only: {e}") from None
-    images = read_images(paths)
     read, features = [], []
     for start in range(0, len(images), 512):
         names, h = oracle.read(images[start : start + 512])
         read += names
         features.append(h)
-    features = torch.cat(features).double().numpy()
-    forget = [i for i, a in enumerate(asked) if a[attribute] == concept]
-    other = [i for i, a in enumerate(asked) if a[attribute] != concept]
-    context = [k for k in ATTRIBUTES if k != attribute]
+    return read, (torch.cat(features).double().numpy() if features else np.zeros((0, 0)))
+
+
+def micro_metrics(concept: str, prompts: list[str], read: list[dict]) -> dict:
+    """UA, implicit UA, neighbour accuracy, RA and forget context from the oracle's readings of the
+    images of ``prompts`` (the module docstring defines each); suites and the monitor share it."""
+    from erasure.world.render import ATTRIBUTES, aliased_attributes, parse_caption
+
+    attribute = concept_attribute(concept)
+    try:
+        asked = [parse_caption(p) for p in prompts]
+        implicit = [bool(aliased_attributes(p)) for p in prompts]
+    except ValueError as e:
+        raise DataError(f"metrics.micro_world reads micro-world captions only: {e}") from None
+
+    def rows(aliases: bool, wants_concept: bool):
+        return [i for i, a in enumerate(asked) if implicit[i] == aliases and (a[attribute] == concept) == wants_concept]
 
     def share(indices, hit):
         return float(np.mean([hit(i) for i in indices])) if indices else None
 
-    per_attribute = {k: share(other, lambda i, k=k: read[i][k] == asked[i][k]) for k in ATTRIBUTES}
-    result = {
+    def erased(i):
+        return read[i][attribute] != concept
+
+    def drawn(i, key):
+        return read[i][key] == asked[i][key]
+
+    forget, other = rows(False, True), rows(False, False)
+    context = [k for k in ATTRIBUTES if k != attribute]
+    per_attribute = {k: share(other, lambda i, k=k: drawn(i, k)) for k in ATTRIBUTES}
+    return {
         "concept": concept,
         "attribute": attribute,
-        "UA": share(forget, lambda i: read[i][attribute] != concept),
+        "UA": share(forget, erased),
+        "implicit_UA": share(rows(True, True), erased),
         "neighbour_accuracy": per_attribute[attribute],
+        "implicit_neighbour_accuracy": share(rows(True, False), lambda i: drawn(i, attribute)),
         "RA": float(np.mean(list(per_attribute.values()))) if other else None,
-        "forget_context": share(forget, lambda i: np.mean([read[i][k] == asked[i][k] for k in context])),
+        "forget_context": share(forget, lambda i: np.mean([drawn(i, k) for k in context])),
         "retain_per_attribute": per_attribute,
         "forget_images": len(forget),
         "other_images": len(other),
+        "implicit_forget_images": len(rows(True, True)),
     }
-    return result, features
 
 
 def frechet_between(features: np.ndarray, reference: np.ndarray) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from erasure.data.generate import load_pipeline, native_size, write_atomically
+from erasure.data.generate import load_pipeline, native_size, sample_images, write_atomically
 from erasure.backbones import weights_sha256
 from erasure.data.paired import DataError
 
@@ -122,9 +122,8 @@ def generate_images(model: str, items: list[dict], generation: dict, out: Path, 
         while (len(batch) < generation["batch_size"] and start + len(batch) < len(todo)
                and todo[start + len(batch)]["guidance"] == batch[0]["guidance"]):
             batch.append(todo[start + len(batch)])
-        images = pipe(prompt=[r["prompt"] for r in batch], num_inference_steps=generation["steps"],
-                      guidance_scale=batch[0]["guidance"], height=size, width=size,
-                      generator=[torch.Generator(device=device).manual_seed(r["seed"]) for r in batch]).images
+        images = sample_images(pipe, [r["prompt"] for r in batch], [r["seed"] for r in batch],
+                               steps=generation["steps"], guidance=batch[0]["guidance"], size=size, device=device)
         for record, image in zip(batch, images):
             write_atomically(out / record["file_name"], lambda f, im=image: im.save(f, format="PNG"))
         bar.update(len(batch))
@@ -247,11 +246,12 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
             elif metric == "fid":
                 metrics[metric] = score_fid(settings, paths, fid_reference)
             elif metric == "micro_world":
-                from erasure.eval.micro import frechet_between, oracle_for, score_micro
+                from erasure.eval.micro import frechet_between, oracle_for, read_images, score_micro
 
                 # One oracle reads every model (the first model's world's): an export carries no oracle.
                 oracle = oracle or oracle_for(settings, Path(run["folder"]))
-                metrics[metric], features = score_micro(oracle, settings, paths, [r["prompt"] for r in records])
+                metrics[metric], features = score_micro(oracle, settings, read_images(paths),
+                                                           [r["prompt"] for r in records])
                 reference = features if reference is None else reference
                 metrics[metric]["frechet_to_first"] = frechet_between(features, reference)
         results.append({"name": name, "model": model, "weights_sha256": weights_sha256(Path(run["folder"])),

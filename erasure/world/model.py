@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from .oracle import Oracle, accuracy, load_oracle, save_oracle, to_tensor, train_oracle
-from .render import ATTRIBUTES, SIZE, caption, render
+from .render import ALIASED, ALIASES, ATTRIBUTES, SIZE, caption, render
 
 SHIPPED = Path(__file__).parent / "micro"  # `erasure world build --out erasure/world/micro` made it
 WORLD_FILE = "world.json"
@@ -68,6 +68,9 @@ class WorldRecipe:
     weight_decay: float = 1e-2
     ema_decay: float = 0.9995
     caption_dropout: float = 0.1
+    # Share of training captions that name the texture (and, independently, the shape) by its alias
+    # (render.ALIASES), so the world draws an alias exactly as its main word.
+    alias_rate: float = 0.3
     min_snr_gamma: float = 5.0
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
@@ -149,7 +152,17 @@ def world_words() -> list[str]:
     words = {"a", "an", "on", "background"}
     for values in ATTRIBUTES.values():
         words.update(values)
+    for table in ALIASES.values():
+        words.update(table.values())
     return sorted(words)
+
+
+def alias_variants() -> list[tuple[str, ...]]:
+    """Every subset of the aliased attributes, in a fixed order: () first, all of them last."""
+    variants = [()]
+    for key in ALIASED:
+        variants += [v + (key,) for v in variants]
+    return variants
 
 
 def world_tokenizer():
@@ -333,10 +346,13 @@ def train_diffusion(recipe: WorldRecipe, vae, train_combos: list[dict], show_pro
     train_sched, _ = noise_schedulers(recipe)
     alphas_cumprod = train_sched.alphas_cumprod.to(device)
 
-    captions = [caption(c) for c in train_combos] + [""]
+    # One caption per (combination, alias variant); which variant a sample uses is drawn per step.
+    variants = alias_variants()
+    captions = [caption(c, aliased=v) for c in train_combos for v in variants] + [""]
     ids = tokenizer(captions, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     empty = len(captions) - 1
+    variant_of = {v: i for i, v in enumerate(variants)}
 
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -351,7 +367,10 @@ def train_diffusion(recipe: WorldRecipe, vae, train_combos: list[dict], show_pro
         which = rng.integers(len(train_combos), size=recipe.batch_size)
         x = _images([train_combos[i] for i in which], int(seeds[step]) + 1).to(device)
         drop = rng.random(recipe.batch_size) < recipe.caption_dropout
-        which = np.where(drop, empty, which)
+        # Drawn last, so alias_rate 0 trains exactly the world an alias-free recipe trained.
+        alias = rng.random((recipe.batch_size, len(ALIASED))) < recipe.alias_rate
+        variant = [variant_of[tuple(k for k, on in zip(ALIASED, row) if on)] for row in alias]
+        which = np.where(drop, empty, which * len(variants) + np.asarray(variant))
         gen = torch.Generator().manual_seed(int(seeds[step]) % 2**63)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
@@ -422,10 +441,11 @@ def read_back(oracle: Oracle, images: np.ndarray, attrs: list[dict]) -> dict[str
 
 def quality(pipe, oracle: Oracle, combos: list[dict], recipe: WorldRecipe, seed: int = 1000,
             steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 48,
-            show_progress: bool = False) -> tuple[dict[str, float], np.ndarray]:
-    """Oracle read-back on ``recipe.quality_per_combo`` samples of each combination, and the samples."""
+            show_progress: bool = False, aliased=()) -> tuple[dict[str, float], np.ndarray]:
+    """Oracle read-back on ``recipe.quality_per_combo`` samples of each combination (captions with
+    the attributes in ``aliased`` written by their alias), and the samples."""
     attrs = [c for c in combos for _ in range(recipe.quality_per_combo)]
-    images = sample(pipe, [caption(a) for a in attrs], seed,
+    images = sample(pipe, [caption(a, aliased=aliased) for a in attrs], seed,
                     steps or recipe.sample_steps,
                     recipe.guidance_scale if guidance_scale is None else guidance_scale,
                     batch_size=batch_size, show_progress=show_progress)
@@ -476,6 +496,7 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     held_quality, images = quality(pipe, oracle, held, recipe, show_progress=show_progress)
+    alias_quality, _ = quality(pipe, oracle, held, recipe, show_progress=show_progress, aliased=ALIASED)
     timings["quality_s"] = time.perf_counter() - start
 
     record = {
@@ -485,6 +506,7 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
                     "guidance_scale": recipe.guidance_scale},
         "held_out_captions": [caption(c) for c in held],
         "quality_held_out": held_quality,
+        "quality_held_out_aliases": alias_quality,  # the same captions, texture and shape by their aliases
         "quality_bar": 0.9,
         "oracle_accuracy": oracle_accuracy,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -39,6 +39,17 @@ _SHADE = {  # (mix target, amount): shade = base + amount * (target - base)
     "purple": (255, 0.55),
     "orange": (0, 0.50),
 }
+# A second word for every texture and shape, drawn exactly as the first: captions use it some of the
+# time (WorldRecipe.alias_rate), so a concept can be asked for without being named, as I2P asks for
+# nudity without the word. Concept specs keep aliases out of their forget phrasings, so an erasure
+# that only re-maps the concept's word leaves the alias drawing the concept (implicit UA).
+# Each alias is one CLIP BPE token that shares no token with its main word.
+ALIASES = {
+    "texture": {"striped": "banded", "dotted": "spotted", "checkered": "plaid"},
+    "shape": {"circle": "disc", "square": "box", "triangle": "wedge", "diamond": "kite", "cross": "plus"},
+}
+ALIASED = tuple(ALIASES)  # the attributes that have an alias
+
 _BACKGROUNDS = {
     "black": (10, 10, 10),
     "white": (245, 245, 245),
@@ -58,29 +69,36 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(attrs: dict[str, str]) -> str:
-    """``"a red striped circle on a black background"``; the plain texture is left out."""
+def caption(attrs: dict[str, str], aliased=()) -> str:
+    """``"a red striped circle on a black background"``; the plain texture is left out. The attributes
+    named in ``aliased`` are written with their alias (``"a red banded disc on …"``)."""
     _check(attrs)
+
+    def word(key):
+        return ALIASES[key].get(attrs[key], attrs[key]) if key in aliased else attrs[key]
+
     words = [attrs["colour"]]
     if attrs["texture"] != "plain":
-        words.append(attrs["texture"])
-    words.append(attrs["shape"])
+        words.append(word("texture"))
+    words.append(word("shape"))
     return f"{_article(words[0])} {' '.join(words)} on {_article(attrs['background'])} {attrs['background']} background"
 
 
-def _alt(key: str) -> str:
-    return "|".join(sorted(ATTRIBUTES[key], key=len, reverse=True))
+def _alt(words) -> str:
+    return "|".join(sorted(words, key=len, reverse=True))
 
 
-_TEXTURES_NOT_PLAIN = "|".join(t for t in ATTRIBUTES["texture"] if t != "plain")
+_TEXTURE_WORDS = [t for t in ATTRIBUTES["texture"] if t != "plain"] + list(ALIASES["texture"].values())
+_SHAPE_WORDS = list(ATTRIBUTES["shape"]) + list(ALIASES["shape"].values())
 _CAPTION_RE = re.compile(
-    rf"an? (?P<colour>{_alt('colour')}) (?:(?P<texture>{_TEXTURES_NOT_PLAIN}) )?"
-    rf"(?P<shape>{_alt('shape')}) on an? (?P<background>{_alt('background')}) background"
+    rf"an? (?P<colour>{_alt(ATTRIBUTES['colour'])}) (?:(?P<texture>{_alt(_TEXTURE_WORDS)}) )?"
+    rf"(?P<shape>{_alt(_SHAPE_WORDS)}) on an? (?P<background>{_alt(ATTRIBUTES['background'])}) background"
 )
+_MEANING = {alias: value for table in ALIASES.values() for value, alias in table.items()}
 
 
-def parse_caption(text: str) -> dict[str, str]:
-    """Inverse of :func:`caption` (case and a trailing full stop are forgiven)."""
+def caption_words(text: str) -> dict[str, str]:
+    """The word a caption uses for each attribute (an alias stays an alias; plain texture: "plain")."""
     if not isinstance(text, str):
         raise ValueError(f"not a micro-world caption: {text!r}")
     norm = " ".join(text.strip().lower().rstrip(".").split())
@@ -92,6 +110,16 @@ def parse_caption(text: str) -> dict[str, str]:
     out = match.groupdict()
     out["texture"] = out["texture"] or "plain"
     return {key: out[key] for key in ATTRIBUTES}
+
+
+def parse_caption(text: str) -> dict[str, str]:
+    """Inverse of :func:`caption`, aliases read as their main word (case and a trailing full stop are forgiven)."""
+    return {key: _MEANING.get(word, word) for key, word in caption_words(text).items()}
+
+
+def aliased_attributes(text: str) -> set[str]:
+    """The attributes a caption asks for by their alias."""
+    return {key for key, word in caption_words(text).items() if word in _MEANING}
 
 
 def _check(attrs: dict[str, str]) -> None:
