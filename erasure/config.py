@@ -30,6 +30,7 @@ METHODS = (
     "salun",
     "msgm-orthogonal",
     "msgm-obtuse",
+    "uce",
 )
 SCOPES = ("full", "xattn", "noxattn", "lora")
 
@@ -42,6 +43,7 @@ METHOD_SCOPE = {"esd-u": "noxattn", "esd-x": "xattn"}
 DEFAULT_RETAIN_WEIGHT = {"salun": 0.1, "msgm-orthogonal": 0.99, "msgm-obtuse": 0.99}
 
 TINY_DATA = "tiny:"
+DETECTORS = ("auto", "oracle", "nudenet", "clip")  # erasure.monitor
 
 
 class RecipeError(ValueError):
@@ -112,6 +114,12 @@ class TrainConfig:
     forget_loss_cap: float | None = field(default=1.1, metadata=_help(
         "Truncate the ascended forget loss at this value (RGD SD 1.4: ≈1.1); null: no cap."))
 
+    twin_batches: str = field(default="independent", metadata=_help(
+        "How a step's retain batch relates to its forget batch: independent draws; twins (retain row i "
+        "is forget row i's twin, as RGD's reference code zips them); twins_shared_noise (twins that also "
+        "share noise and timesteps). The twin modes need row-paired sets of equal length.",
+        choices=("independent", "twins", "twins_shared_noise")))
+
     # ESD (Gandikota et al. 2023).
     esd_negative_guidance: float = field(default=1.0, metadata=_help(
         "η in the target eps_0(x_t,∅) - η (eps_0(x_t,c) - eps_0(x_t,∅)); the paper uses 1."))
@@ -123,6 +131,9 @@ class TrainConfig:
     # SalUn (Fan et al. 2024).
     salun_mask_ratio: float = field(default=0.5, metadata=_help(
         "Share of weights, ranked by forget-gradient saliency, that are updated (SalUn: 0.5)."))
+    salun_mask_guidance: float = field(default=7.5, metadata=_help(
+        "Guidance scale w of the prediction whose forget loss ranks the weights, ε(c) + w(ε(c) − ε(∅)) "
+        "(SalUn's generate_mask script: 7.5); 0 ranks by the plain conditional loss."))
     salun_anchor_prompt: str = field(default="a photo of a person wearing clothes", metadata=_help(
         "Prompt the forget images are relabelled to (SalUn's nudity anchor)."))
 
@@ -137,12 +148,48 @@ class TrainConfig:
     msgm_forget_weight: float = field(default=0.01, metadata=_help(
         "Weight of the forget term on its steps (public code: 0.01 L_f + 0.99 L_r)."))
 
+    # UCE (Gandikota et al. 2024); defaults from its reference code (trainscripts/uce_sd_erase.py).
+    uce_guide_prompt: str = field(default="", metadata=_help(
+        "What each prompt to erase is mapped to when there is no retain_data to pair it with "
+        "(UCE: '' for objects, 'art' for styles). With retain_data, forget row i maps to its twin, row i."))
+    uce_preserve_prompts: str | None = field(default=None, metadata=_help(
+        "Prompts to preserve, separated by ';' (retain_data's prompts are preserved too)."))
+    uce_erase_scale: float = field(default=1.0, metadata=_help("s_e, the weight of the erase term (UCE: 1)."))
+    uce_preserve_scale: float = field(default=1.0, metadata=_help(
+        "λ_p, the weight of the preserve term (UCE: 1); higher keeps more and erases less."))
+    uce_lambda: float = field(default=0.5, metadata=_help("λ, the pull toward the original weights (UCE: 0.5)."))
+    uce_token_span: str = field(default="last", metadata=_help(
+        "Token positions edited: last (each prompt's last token, the reference code) or aligned "
+        "(every position from the first word where prompt and guide differ, aligned from the end).",
+        choices=("last", "aligned")))
+
     # SD3 flow-matching sampling of training timesteps (diffusers.training_utils).
     weighting_scheme: str = field(default="logit_normal", metadata=_help(
         "SD3 timestep density.", choices=("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")))
     logit_mean: float = field(default=0.0, metadata=_help("Logit-normal mean (SD3)."))
     logit_std: float = field(default=1.0, metadata=_help("Logit-normal std (SD3)."))
     mode_scale: float = field(default=1.29, metadata=_help("Scale of the 'mode' density (SD3)."))
+
+    # The training-time monitor (erasure/monitor.py): sample held-out prompts, score them, maybe stop.
+    monitor_every: int = field(default=0, metadata=_help(
+        "Every N steps, sample the held-out forget prompts and their retain twins and score them (0: off)."))
+    monitor_prompts: str | None = field(default=None, metadata=_help(
+        "The held-out pairs: a JSONL file with forget_prompt/retain_prompt (test.jsonl of `erasure prompts "
+        "build`). Default for world:… data: that set's test split. world:all+aliases (or another "
+        "world prompt source) takes a fixed random subset of the world's captions instead."))
+    monitor_images: int = field(default=16, metadata=_help("Held-out pairs (or world captions) sampled at each check."))
+    monitor_detector: str = field(default="auto", metadata=_help(
+        "What scores the images: oracle (micro world), nudenet, clip; auto picks the oracle for a world "
+        "model, NudeNet for nudity, else CLIP when monitor_clip_pretrained is given.", choices=DETECTORS))
+    monitor_clip_pretrained: str | None = field(default=None, metadata=_help(
+        "open_clip ViT-B-32 weights (a local file) for the clip detector and NudeNet's retain score."))
+    monitor_steps: int | None = field(default=None, metadata=_help(
+        "Sampler steps at a check; default: the world's own sampler, else 25."))
+    monitor_guidance: float | None = field(default=None, metadata=_help(
+        "Guidance scale at a check; default: the world's, else 7.5."))
+    stop_at_erasure: float | None = field(default=None, metadata=_help(
+        "End training (and export) at the first check whose erasure rate reaches this, e.g. 0.95; "
+        "needs monitor_every."))
 
     # Output and checkpoints.
     output_dir: str = field(default="erasure-output", metadata=_help(
@@ -167,7 +214,7 @@ class TrainConfig:
             raise RecipeError("method: required, one of " + ", ".join(METHODS))
         self.method = self.method.lower()
         for name in ("method", "scope", "lr_scheduler", "mixed_precision", "msgm_orthogonal_form",
-                     "weighting_scheme"):
+                     "weighting_scheme", "uce_token_span", "twin_batches", "monitor_detector"):
             value, choices = getattr(self, name), FIELDS[name].metadata.get("choices")
             if value is not None and value not in choices:
                 raise RecipeError(f"{name}: {value!r} is not one of {', '.join(choices)}"
@@ -189,6 +236,28 @@ class TrainConfig:
                 raise RecipeError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.forget_loss_cap is not None and self.forget_loss_cap <= 0:
             raise RecipeError(f"forget_loss_cap: must be > 0 or null, got {self.forget_loss_cap}")
+        for name in ("uce_erase_scale", "uce_preserve_scale", "uce_lambda"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
+        if self.method == "uce" and self.uce_lambda == 0 and not (self.uce_preserve_prompts or self.retain_data):
+            raise RecipeError("uce_lambda: 0 with nothing to preserve leaves UCE's system singular; use λ > 0")
+        if self.monitor_every < 0 or self.monitor_images < 1:
+            raise RecipeError(f"monitor_every must be ≥ 0 and monitor_images ≥ 1, got {self.monitor_every} "
+                              f"and {self.monitor_images}")
+        if self.stop_at_erasure is not None:
+            if not 0 < self.stop_at_erasure <= 1:
+                raise RecipeError(f"stop_at_erasure: a rate in (0, 1], got {self.stop_at_erasure}")
+            if not self.monitor_every:
+                raise RecipeError("stop_at_erasure: needs monitor_every (how often to check), e.g. monitor_every: 10")
+        if self.monitor_prompts and self.monitor_prompts.startswith("world:"):
+            from erasure.eval.micro import WORLD_PROMPTS
+
+            if self.monitor_prompts.removeprefix("world:") not in WORLD_PROMPTS:
+                raise RecipeError(f"monitor_prompts: {self.monitor_prompts!r}; world captions are "
+                                  + ", ".join(f"world:{w}" for w in WORLD_PROMPTS))
+        elif self.monitor_prompts and not Path(self.monitor_prompts).expanduser().is_file():
+            raise RecipeError(f"monitor_prompts: {self.monitor_prompts!r} is not a file (expected a JSONL of "
+                              "forget_prompt/retain_prompt pairs, e.g. test.jsonl from `erasure prompts build`)")
         if not 0 < self.salun_mask_ratio <= 1:
             raise RecipeError(f"salun_mask_ratio: must be in (0, 1], got {self.salun_mask_ratio}")
         if self.checkpointing_steps < 0:
@@ -201,11 +270,11 @@ class TrainConfig:
     # Which data each method reads: ESD needs prompts only, Finetune only D_r.
     @property
     def uses_forget_images(self) -> bool:
-        return self.method not in ("finetune", "esd-u", "esd-x")
+        return self.method not in ("finetune", "esd-u", "esd-x", "uce")
 
     @property
     def uses_retain(self) -> bool:
-        return self.method not in ("esd-u", "esd-x")
+        return self.method not in ("esd-u", "esd-x", "uce")
 
     @property
     def is_esd(self) -> bool:
@@ -219,7 +288,7 @@ class TrainConfig:
                 raise RecipeError(f"{key}: required by method {self.method}")
             if value:
                 check_data_source(key, value)
-        if self.is_esd and not (self.forget_data or self.concept):
+        if (self.is_esd or self.method == "uce") and not (self.forget_data or self.concept):
             raise RecipeError(f"{self.method} needs the concept prompt: set concept or forget_data")
 
     def to_dict(self) -> dict:

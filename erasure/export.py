@@ -55,6 +55,14 @@ def model_card(card: dict) -> str:
     losses = ", ".join(f"{k} {v:.4f}" for k, v in card["final_losses"].items() if v is not None)
     data = "\n".join(f"| {name} | `{d['source']}` | {d['rows']} | `{d['sha256'][:16]}…` |"
                      for name, d in card["data"].items())
+    monitor = card.get("run", {}).get("monitor")
+    checked = ""
+    if monitor and monitor["history"]:
+        last = monitor["stopped"] or monitor["history"][-1]
+        kept = "—" if last["retain"] is None else f"{last['retain']:.3f}"
+        checked = (f"| {'stopped at erasure' if monitor['stopped'] else 'last check'} | step {last['step']}: "
+                   f"erasure rate {last['erasure']:.3f}, retain score {kept} ({monitor['detector']}, "
+                   f"{monitor['pairs']} held-out pairs) |\n")
     lora = (f"\nThe LoRA adapter alone is in `{LORA_WEIGHTS}`; apply it to the base model with "
             f"`pipe.load_lora_weights(\"{card['output_dir']}\")`.\n") if config["scope"] == "lora" else ""
     return f"""---
@@ -79,7 +87,7 @@ Trained with erasure {card['versions'].get('erasure', 'dev')}; the full recipe, 
 | batch size | {config['batch_size']} |
 | learning rate | {config['learning_rate']} |
 | final losses | {losses or '—'} |
-
+{checked}
 | set | source | rows | sha256 |
 |---|---|---|---|
 {data}

@@ -32,14 +32,17 @@ from erasure.config import TrainConfig
 from erasure.data.paired import PromptImageSet, decode_image, load_prompt_image_set
 from erasure.methods import METHOD_TABLE
 from erasure.methods.esd import sample_partial_trajectory
-from erasure.methods.objectives import (denoising_loss, esd_loss, forget_ascent, msgm_loss,
-                                        salun_relabel_loss)
+from erasure.methods.objectives import (denoising_loss, esd_loss, forget_ascent, guided_denoising_loss,
+                                        msgm_loss, salun_relabel_loss)
 from erasure.methods.restricted_gradient import cosine, global_inner_products, update_coefficients
 from erasure.methods.saliency import saliency_mask
 
 # Recipe keys that may change between a checkpoint and its resumption.
 RESUMABLE_CHANGES = {"resume", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
-                     "keep_checkpoints", "report_to", "output_dir"}
+                     "keep_checkpoints", "report_to", "output_dir",
+                     # the monitor only reads the model (its sampling has its own generators)
+                     "monitor_every", "monitor_prompts", "monitor_images", "monitor_detector",
+                     "monitor_clip_pretrained", "monitor_steps", "monitor_guidance", "stop_at_erasure"}
 SEED_STRIDE = 1_000_003
 
 
@@ -125,9 +128,11 @@ class Erasure:
         return self.accelerator.unwrap_model(self.model)
 
     # ---- randomness: drawn for the global batch, sliced for this process ---------------------
-    def draw(self, data: EncodedSet, step: int, salt: int) -> list[dict]:
+    def draw(self, data: EncodedSet, step: int, salt: int, row_salt: int | None = None) -> list[dict]:
+        """``row_salt`` picks the rows apart from the noise (twin batches take the forget set's rows)."""
         B, g = self.config.batch_size, step_generator(self.config.seed, step, salt)
-        rows = torch.tensor(batch_rows(len(data.data), B, step, self.config.seed, salt))
+        rows = torch.tensor(batch_rows(len(data.data), B, step, self.config.seed,
+                                       salt if row_salt is None else row_salt))
         shape = (B, *self.latent_shape)
         drawn = {"rows": rows, "latent_noise": torch.randn(shape, generator=g),
                  "noise": torch.randn(shape, generator=g),
@@ -214,7 +219,10 @@ class Erasure:
                 torch._foreach_copy_(self.g_f, self.grads())
                 torch._foreach_zero_(self.grads())
         if has_retain:
-            log["retain"] = self.accumulate(self.retain_objective, self.draw(self.retain, step, 2))
+            twins = self.config.twin_batches
+            draws = self.draw(self.retain, step, 1 if twins == "twins_shared_noise" else 2,
+                              row_salt=1 if twins == "twins" else None)
+            log["retain"] = self.accumulate(self.retain_objective, draws)
         grads = self.grads()
         if has_forget and has_retain:
             dot, ff, rr = global_inner_products(self.g_f, grads, self.sharded)
@@ -236,7 +244,8 @@ class Erasure:
 
     # ---- SalUn ----------------------------------------------------------------------------------
     def compute_saliency(self, show: bool):
-        """|Σ ∇ l_f| over the whole forget set, on every process alike (no DDP traffic)."""
+        """|Σ ∇ l_f| over the whole forget set, on every process alike (no DDP traffic); l_f is the
+        guided prediction's loss when salun_mask_guidance > 0 (SalUn's generate_mask)."""
         model = self.unwrapped
         n = len(self.forget.data)
         g = step_generator(self.config.seed, 0, salt=3)
@@ -247,7 +256,11 @@ class Erasure:
                      "timesteps": self.backbone.sample_timesteps(len(rows), g)}
             x0, noise, t, cond = self.inputs(self.forget, micro)
             with self.accelerator.autocast():
-                loss = denoising_loss(self.backbone, model, x0, noise, t, cond)
+                if self.config.salun_mask_guidance:
+                    loss = guided_denoising_loss(self.backbone, model, x0, noise, t, cond,
+                                                 self.fixed_cond("", len(rows)), self.config.salun_mask_guidance)
+                else:
+                    loss = denoising_loss(self.backbone, model, x0, noise, t, cond)
             loss.backward()
         self.mask = saliency_mask(self.grads(), self.config.salun_mask_ratio)
         self.optimizer.zero_grad(set_to_none=False)
@@ -281,6 +294,8 @@ def train(config: TrainConfig) -> Path:
               f"{config.batch_size} pairs per step", flush=True)
     set_seed(config.seed)
     out = Path(config.output_dir)
+    if method.closed_form:
+        return _closed_form_edit(config, accelerator, out)
 
     # Data first: a bad data folder fails before minutes of model loading.
     forget_data = retain_data = None
@@ -290,6 +305,9 @@ def train(config: TrainConfig) -> Path:
     if method.retain:
         retain_data = load_prompt_image_set("retain_data", config.retain_data, config.prompt_column,
                                             config.image_column)
+    if config.twin_batches != "independent" and forget_data and retain_data and len(forget_data) != len(retain_data):
+        raise ValueError(f"twin_batches: {config.twin_batches} pairs forget row i with retain row i; forget_data has "
+                         f"{len(forget_data)} rows and retain_data {len(retain_data)}")
     if forget_data is None and config.is_esd:  # ESD with no set: the concept itself is the prompt
         forget_data = PromptImageSet("forget_data", "concept", [config.concept], None, "")
 
@@ -341,13 +359,30 @@ def train(config: TrainConfig) -> Path:
     start = 0
     record = {"config": config.to_dict(), "family": backbone.family}
     if config.resume:
-        start = _resume(config, run, names, out)
+        start, record["monitor"] = _resume(config, run, names, out)
     if method.saliency_mask and run.mask is None:
         run.compute_saliency(main)
 
     if accelerator.log_with:
         accelerator.init_trackers("erasure", config={k: v for k, v in config.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
+    monitor = None
+    if config.monitor_every:
+        from erasure.monitor import Monitor
+
+        monitor = Monitor(config, accelerator, backbone, base_folder, out)
+        monitor.history = record.get("monitor", [])  # a resumed run keeps the checks it made
+        if main:
+            print(monitor.info, flush=True)
+    stopped = None
+
+    def meets_stop(check: dict) -> bool:
+        return (config.stop_at_erasure is not None and check["erasure"] is not None
+                and check["erasure"] >= config.stop_at_erasure)
+
+    if monitor and start == 0:  # the base model's point: where the frontier starts
+        if meets_stop(monitor.check(0)):
+            stopped = monitor.history[-1]
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps,
                desc=f"{config.method} [{backbone.family}, {config.scope}]", disable=not main)
     log = {}
@@ -355,6 +390,8 @@ def train(config: TrainConfig) -> Path:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for step in bar:
+        if stopped:
+            break
         began = time.perf_counter()
         log = run.step(step)  # ends in .item() of the losses, so the device has finished the step
         step_seconds.append(time.perf_counter() - began)
@@ -363,6 +400,17 @@ def train(config: TrainConfig) -> Path:
         accelerator.log({f"loss/{k}" if k != "cos" else "grad_cosine": v
                          for k, v in log.items() if v is not None}, step=step + 1)
         done = step + 1
+        if monitor and (done % config.monitor_every == 0 or done == config.max_steps):
+            check = monitor.check(done)
+            record["monitor"] = monitor.history
+            bar.set_postfix({**shown, "erased": f"{check['erasure']:.2f}",
+                             **({"kept": f"{check['retain']:.2f}"} if check["retain"] is not None else {})})
+            if meets_stop(check):
+                stopped = check
+                if main:
+                    bar.write(f"stop_at_erasure: erasure rate {check['erasure']:.3f} ≥ {config.stop_at_erasure} "
+                              f"at step {done} ({check['detector']}); exporting")
+                break
         if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_steps:
             accelerator.wait_for_everyone()
             if main:
@@ -371,11 +419,14 @@ def train(config: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
 
     timed = step_seconds[1:] or step_seconds  # the first step pays for allocation and autotuning
-    stats = {"processes": world, "device": str(device),
+    stats = {"processes": world, "device": str(device), "steps_done": (stopped or {}).get("step", config.max_steps),
              "mean_step_seconds": sum(timed) / len(timed) if timed else None,
              "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+    if monitor:
+        stats["monitor"] = {"detector": monitor.detector, "pairs": len(monitor.forget), "stopped": stopped,
+                            "history": monitor.history}
     if main:
-        _export(run, config, backbone, base_folder, out, encoded, log, stats)
+        _export(run.unwrapped, config, backbone, base_folder, out, {k: e.data for k, e in encoded.items()}, log, stats)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -393,7 +444,7 @@ def _resume(config: TrainConfig, run: Erasure, names, out: Path) -> int:
         found = checkpoints(out / "checkpoints")
         if not found:
             print(f"resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
-            return 0
+            return 0, []
         folder = found[-1]
     else:
         folder = Path(config.resume)
@@ -411,14 +462,61 @@ def _resume(config: TrainConfig, run: Erasure, names, out: Path) -> int:
             param.copy_(weights[name])
     if any(k.startswith("mask.") for k in extra):
         run.mask = [extra[f"mask.{n}"].to(run.device) for n in names]
-    return int(state["step"])
+    return int(state["step"]), state.get("monitor", [])
 
 
-def _export(run: Erasure, config: TrainConfig, backbone: Backbone, base_folder: Path, out: Path,
-            encoded: dict, log: dict, stats: dict):
+def _closed_form_edit(config: TrainConfig, accelerator, out: Path) -> Path:
+    """UCE: the edit is computed once from prompts (no images, no steps) and exported like a run."""
+    from erasure.methods.uce import uce_edit
+
+    data = {}
+    for key in ("forget_data", "retain_data"):
+        if getattr(config, key):
+            data[key] = load_prompt_image_set(key, getattr(config, key), config.prompt_column,
+                                              config.image_column, need_images=False)
+    edit = data["forget_data"].prompts if "forget_data" in data else [config.concept]
+    if "retain_data" in data:
+        # RGD's twins: forget row i and retain row i differ only in the concept.
+        if len(data["retain_data"]) != len(edit):
+            raise ValueError(f"uce maps forget_data row i to its twin, retain_data row i: got {len(edit)} forget "
+                             f"and {len(data['retain_data'])} retain rows")
+        guide = data["retain_data"].prompts
+    else:
+        guide = [config.uce_guide_prompt] * len(edit)
+    pairs = list(dict.fromkeys(zip(edit, guide)))
+    preserve = [p.strip() for p in (config.uce_preserve_prompts or "").split(";") if p.strip()]
+    preserve = list(dict.fromkeys(preserve + (data["retain_data"].prompts if "retain_data" in data else [])))
+
+    with accelerator.main_process_first():
+        base_folder = resolve_model(config.model, config.revision)
+    stats = {"processes": accelerator.num_processes, "device": str(accelerator.device)}
+    if accelerator.is_main_process:  # seconds of work: one process edits and exports, the others wait
+        backbone = load_backbone(base_folder, config)
+        began = time.perf_counter()
+        done = uce_edit(backbone, [e for e, _ in pairs], [g for _, g in pairs], preserve,
+                        config.uce_erase_scale, config.uce_preserve_scale, config.uce_lambda,
+                        config.uce_token_span, accelerator.device)
+        stats.update(edit_seconds=time.perf_counter() - began, uce=done)
+        print(f"uce: edited {len(done['projections'])} projections from {len(pairs)} prompt pairs and "
+              f"{len(preserve)} preserved prompts in {stats['edit_seconds']:.1f} s")
+        if config.monitor_every:  # no steps to watch: one check of the edited model
+            from erasure.monitor import Monitor
+
+            monitor = Monitor(config, accelerator, backbone, base_folder, out, processes=1)
+            check = monitor.check(0)
+            stats["monitor"] = {"detector": monitor.detector, "pairs": len(monitor.forget), "stopped": None,
+                                "history": monitor.history}
+            print(f"monitor: erasure rate {check['erasure']:.3f}, retain score {check['retain']}")
+        _export(backbone.denoiser, config, backbone, base_folder, out, data, {}, stats)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _export(model, config: TrainConfig, backbone: Backbone, base_folder: Path, out: Path,
+            data: dict, log: dict, stats: dict):
     from erasure.export import export_pipeline
 
-    model = run.unwrapped
     lora = None
     if config.scope == "lora":
         from peft.utils import get_peft_model_state_dict
@@ -428,10 +526,11 @@ def _export(run: Erasure, config: TrainConfig, backbone: Backbone, base_folder: 
         model.unload_lora()  # the adapter file holds the difference
     model.to("cpu")
     card = {"base_model": config.model, "family": backbone.family,
-            "method": config.method, "concept": config.concept, "steps": config.max_steps,
+            "method": config.method, "concept": config.concept,
+            "steps": stats.get("steps_done", 0 if METHOD_TABLE[config.method].closed_form else config.max_steps),
             "final_losses": {"forget": log.get("forget"), "retain": log.get("retain"),
                              "grad_cosine": log.get("cos")},
-            "data": {name: e.data.describe() for name, e in encoded.items()},
+            "data": {name: d.describe() for name, d in data.items()},
             "run": stats, "config": config.to_dict()}
     export_pipeline(backbone.pipe, out, base_folder, card, lora, backbone.save_lora)
     if not config.keep_checkpoints:  # the folder is what users ship; checkpoints only serve a resume

@@ -49,3 +49,30 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_sd1, tmp_path):
     base, a, b = (read_weights(p / "unet") for p in (tiny_sd1, full, accumulated))
     moved = max((a[k] - base[k]).abs().max().item() for k in base)
     assert max((a[k] - b[k]).abs().max().item() for k in base) < 1e-4 * moved
+
+
+def test_monitor_under_two_processes_scores_what_one_process_scores(tmp_path):
+    """Each rank samples its share of the check's captions; the oracle's readings are gathered, so
+    both runs score the same 24 images of the base world at step 0."""
+    import json
+
+    watch = dict(max_steps=2, checkpointing_steps=0, monitor_every=2, monitor_prompts="world:all+aliases",
+                 monitor_images=24)
+    args = ["--recipe", str(RECIPES / "world/striped/rgd.yaml")]
+    for key, value in watch.items():
+        args += [f"--{key}", str(value)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    single = run_recipe("world/striped/rgd.yaml", output_dir=tmp_path / "single", **watch)
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+         "127.0.0.1", "--master_port", str(port), str(REPO / "erasure" / "train.py"), *args,
+         "--output_dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = (json.loads((p / "erasure.json").read_text())["run"]["monitor"]["history"]
+                for p in (single, tmp_path / "ddp"))
+    assert [c["step"] for c in one] == [c["step"] for c in two] == [0, 2]
+    assert one[0] == two[0]  # the base world: the same images, read the same
+    assert set(one[0]["world"]) >= {"UA", "implicit_UA", "neighbour_accuracy", "RA"}

@@ -26,3 +26,11 @@ def test_a_tiny_recipe_per_method_and_the_paper_recipes_ship():
                            "retain_data": "tiny:retain"})
     assert (paper.learning_rate, paper.batch_size, paper.max_steps, paper.retain_weight,
             paper.forget_loss_cap, paper.scope) == (1e-5, 8, 100, 1.5, 1.1, "full")
+
+
+@pytest.mark.parametrize("recipe", [r for r in ALL if "msgm" in r or "salun" in r])
+def test_baseline_recipes_keep_their_own_retain_weight(recipe):
+    """An include: of an RGD recipe must not hand RGD's λ = 1.5 to MSGM (0.99) or SalUn (α = 0.1)."""
+    values = {**read_recipe(RECIPES / recipe), "forget_data": "tiny:forget", "retain_data": "tiny:retain"}
+    config = TrainConfig(**values)
+    assert config.retain_weight == (0.1 if config.method == "salun" else 0.99), recipe

@@ -25,6 +25,21 @@ class Noised:
     weight: torch.Tensor | None = None  # per-sample loss weight (SD3 weighting schemes)
 
 
+@dataclass
+class TokenSegment:
+    """One tokenizer's stretch of a conditioning sequence: its positions in the sequence, the token
+    ids there (padding included) and how many of them are real tokens (start and end included)."""
+    positions: list[int]
+    ids: list[int]
+    real: int
+
+
+def token_segments(tokenizer, prompts: list[str], max_length: int, offset: int = 0) -> list[TokenSegment]:
+    enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True)
+    return [TokenSegment(list(range(offset, offset + len(ids))), list(ids), int(sum(mask)))
+            for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+
+
 class Backbone:
     family: str
     # Regexes over parameter names. `cross_attention`: the weights that read the text (ESD-x);
@@ -100,6 +115,15 @@ class Backbone:
         vae = self.pipe.vae.config
         z = mean + std * noise
         return (z - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
+
+    def token_segments(self, prompts: list[str]) -> list[list[TokenSegment]]:
+        """Per prompt, the tokenizer segments of its conditioning sequence (UCE picks positions)."""
+        raise NotImplementedError
+
+    def text_projections(self) -> dict[str, list[tuple[str, torch.nn.Module]]]:
+        """The linear maps of the denoiser that read text embeddings directly, by the conditioning
+        key whose vectors they read (UCE edits them in closed form)."""
+        raise NotImplementedError
 
     # ---- the noise process ----------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:

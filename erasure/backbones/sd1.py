@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from erasure.backbones.base import Backbone, Conditioning, Noised, broadcast_to
+from erasure.backbones.base import Backbone, Conditioning, Noised, broadcast_to, token_segments
 
 
 class StableDiffusionBackbone(Backbone):
@@ -34,6 +34,15 @@ class StableDiffusionBackbone(Backbone):
     def encode_prompts(self, prompts, device) -> Conditioning:
         embeds, _ = self.pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds}
+
+    def token_segments(self, prompts):
+        tokenizer = self.pipe.tokenizer
+        return [[s] for s in token_segments(tokenizer, prompts, tokenizer.model_max_length)]
+
+    def text_projections(self):
+        # Cross-attention keys and values: the only weights that read the text (UCE, §3).
+        return {"encoder_hidden_states": [(name, m) for name, m in self.pipe.unet.named_modules()
+                                          if name.endswith(("attn2.to_k", "attn2.to_v"))]}
 
     def sample_timesteps(self, n, generator):
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)

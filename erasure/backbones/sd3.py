@@ -11,7 +11,10 @@ import copy
 
 import torch
 
-from erasure.backbones.base import Backbone, Conditioning, Noised, broadcast_to
+from erasure.backbones.base import Backbone, Conditioning, Noised, broadcast_to, token_segments
+
+
+T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.encode_prompt's default max_sequence_length
 
 
 class StableDiffusion3Backbone(Backbone):
@@ -47,6 +50,27 @@ class StableDiffusion3Backbone(Backbone):
             prompt=prompts, prompt_2=None, prompt_3=None, device=device,
             do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def token_segments(self, prompts):
+        # encode_prompt's sequence: the CLIP tokens (both CLIP encoders, side by side in the feature
+        # dimension), then the T5 tokens (zeros when T5 is not loaded: nothing to pick there).
+        clip = self.pipe.tokenizer
+        segments = [[s] for s in token_segments(clip, prompts, clip.model_max_length)]
+        if self.pipe.text_encoder_3 is not None:
+            t5 = token_segments(self.pipe.tokenizer_3, prompts, T5_SEQUENCE_LENGTH, offset=clip.model_max_length)
+            for per_prompt, s in zip(segments, t5):
+                per_prompt.append(s)
+        return segments
+
+    def text_projections(self):
+        # In joint attention the context stream is rewritten by every block (it attends to the image
+        # tokens), so a block's context key/value projections do not read the text embeddings; the
+        # maps that do are the context embedder and the pooled-text embedder's first layer, which is
+        # what UCE's reference code edits in FLUX, the same architecture.
+        t = self.pipe.transformer
+        return {"encoder_hidden_states": [("context_embedder", t.context_embedder)],
+                "pooled_projections": [("time_text_embed.text_embedder.linear_1",
+                                        t.time_text_embed.text_embedder.linear_1)]}
 
     def sample_timesteps(self, n, generator):
         from diffusers.training_utils import compute_density_for_timestep_sampling

@@ -15,6 +15,7 @@ class Method:
     retain: bool  # whether l_r on D_r is minimised
     restricted: bool  # restricted gradient (RG/RGD) instead of the weighted sum
     saliency_mask: bool = False  # SalUn: only the salient weights move
+    closed_form: bool = False  # UCE: one edit, no training steps
 
 
 METHOD_TABLE = {
@@ -28,4 +29,5 @@ METHOD_TABLE = {
     "salun": Method(forget="relabel", retain=True, restricted=False, saliency_mask=True),
     "msgm-orthogonal": Method(forget="orthogonal", retain=True, restricted=False),
     "msgm-obtuse": Method(forget="obtuse", retain=True, restricted=False),
+    "uce": Method(forget=None, retain=False, restricted=False, closed_form=True),
 }

@@ -23,6 +23,20 @@ def denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Condit
     return per_sample.mean()
 
 
+def guided_denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning,
+                          uncond: Conditioning, guidance: float):
+    """‖pred(c) + w (pred(c) − pred(∅)) − target‖²: the loss of the classifier-free-guided prediction,
+    which SalUn's generate_mask ranks weights by (Fan et al. 2024, code: w = 7.5, on eps)."""
+    noised = backbone.add_noise(x0, noise, timesteps)
+    conditional = backbone.predict(model, noised.x_t, timesteps, cond)
+    unconditional = backbone.predict(model, noised.x_t, timesteps, uncond)
+    guided = conditional + guidance * (conditional - unconditional)
+    per_sample = _per_sample_mse(guided, noised.target)
+    if noised.weight is not None:
+        per_sample = per_sample * noised.weight.to(per_sample.device)
+    return per_sample.mean()
+
+
 def forget_ascent(loss: torch.Tensor, cap: float | None, weight: float = 1.0) -> torch.Tensor:
     """−λ_f · min(l_f, cap): gradient ascent on the forget set, truncated once l_f passes the cap
     (RGD, §3; the cap keeps ascent from diverging: past it the gradient is zero)."""
