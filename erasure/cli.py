@@ -226,7 +226,7 @@ def _main(argv: list[str] | None = None) -> None:
     world = commands.add_parser("world", help="the micro world: a CPU-trained SD-format model and its oracle")
     world_commands = world.add_subparsers(dest="world_command", required=True)
     world_build = world_commands.add_parser(
-        "build", help="train oracle, VAE and world model (≈35 min on two cores) into DIR, then check quality")
+        "build", help="train oracle, VAE and world model (≈40 min on two cores) into DIR, then check quality (named and by alias)")
     world_build.add_argument("--out", required=True, help="pipeline folder to write (replaced atomically)")
     world_build.add_argument("--seed", type=int, default=0)
     world_build.add_argument("--device", default="cpu")

@@ -222,6 +222,9 @@ class TrainConfig:
         forced = METHOD_SCOPE.get(self.method)
         if forced and self.scope not in (None, forced):
             raise RecipeError(f"scope: {self.method} trains {forced} by definition; got {self.scope!r}")
+        if self.method == "uce" and self.scope not in (None, "full"):
+            raise RecipeError(f"scope: uce edits the text projections in closed form, it trains no scope; got "
+                              f"{self.scope!r} (leave it unset)")
         if self.scope is None:
             self.scope = forced or "full"
         if self.retain_weight is None:
@@ -249,6 +252,9 @@ class TrainConfig:
                 raise RecipeError(f"stop_at_erasure: a rate in (0, 1], got {self.stop_at_erasure}")
             if not self.monitor_every:
                 raise RecipeError("stop_at_erasure: needs monitor_every (how often to check), e.g. monitor_every: 10")
+        if self.monitor_every and not self.monitor_prompts and not (self.forget_data or "").startswith("world:"):
+            raise RecipeError("monitor_prompts: required when forget_data is not a world:… set: the held-out "
+                              "pairs, e.g. the test.jsonl `erasure prompts build` wrote beside train.jsonl")
         if self.monitor_prompts and self.monitor_prompts.startswith("world:"):
             from erasure.eval.micro import WORLD_PROMPTS
 

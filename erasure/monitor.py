@@ -42,13 +42,10 @@ WORLD_KEYS = ("UA", "implicit_UA", "neighbour_accuracy", "implicit_neighbour_acc
 
 def default_prompts(config) -> Path:
     """The test split behind the forget set: a world pair set's, or the one beside a generated set."""
-    source = config.forget_data or ""
-    if source.startswith("world:"):
-        from erasure.world.data import parse_source, world_pairs
+    from erasure.world.data import parse_source, world_pairs
 
-        return world_pairs(parse_source(source)[0]) / "prompts" / "test.jsonl"
-    raise ValueError("monitor_prompts: required when forget_data is not a world:… set: give the test split of "
-                     "the prompt set (test.jsonl from `erasure prompts build`)")
+    # TrainConfig has checked that the forget set is a world set when monitor_prompts is not given.
+    return world_pairs(parse_source(config.forget_data)[0]) / "prompts" / "test.jsonl"
 
 
 def detector_name(config, base_folder: Path) -> str:
@@ -63,7 +60,9 @@ def detector_name(config, base_folder: Path) -> str:
     if config.monitor_clip_pretrained:
         return "clip"
     # (monitor_clip_pretrained: random gives a randomly initialised CLIP, for smoke runs only)
-    raise ValueError(f"monitor_detector: auto finds no detector for concept {config.concept!r} on this model; "
+    from erasure.config import RecipeError
+
+    raise RecipeError(f"monitor_detector: auto finds no detector for concept {config.concept!r} on this model; "
                      "set monitor_detector: clip and monitor_clip_pretrained: FILE (open_clip weights), "
                      "or nudenet for nudity")
 
@@ -80,7 +79,9 @@ class Monitor:
             from erasure.eval.micro import world_prompts
 
             if self.detector != "oracle":
-                raise ValueError(f"monitor_prompts: {source} are world captions; they need the oracle detector")
+                from erasure.config import RecipeError
+
+                raise RecipeError(f"monitor_prompts: {source} are world captions; they need the oracle detector")
             captions = world_prompts(source.removeprefix("world:"))
             chosen = np.sort(np.random.default_rng(0).permutation(len(captions))[: config.monitor_images])
             self.forget, self.retain = [captions[i] for i in chosen], []
@@ -93,7 +94,12 @@ class Monitor:
             from erasure.eval.micro import concept_attribute
             from erasure.world.model import world_oracle, world_sampler
 
-            concept_attribute(config.concept)  # a world attribute value, or a clear error now
+            try:
+                concept_attribute(config.concept)  # a world attribute value, or a clear error now
+            except ValueError as e:
+                from erasure.config import RecipeError
+
+                raise RecipeError(f"concept: the oracle monitor reads world attributes: {e}") from None
             self.oracle = world_oracle(base_folder)
             steps, guidance = world_sampler(base_folder)
             self.steps = self.steps or steps

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from erasure.backbones import Backbone, load_backbone, resolve_model
 from erasure.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from erasure.config import TrainConfig
-from erasure.data.paired import PromptImageSet, decode_image, load_prompt_image_set
+from erasure.data.paired import DataError, PromptImageSet, decode_image, load_prompt_image_set
 from erasure.methods import METHOD_TABLE
 from erasure.methods.esd import sample_partial_trajectory
 from erasure.methods.objectives import (denoising_loss, esd_loss, forget_ascent, guided_denoising_loss,
@@ -306,7 +306,7 @@ def train(config: TrainConfig) -> Path:
         retain_data = load_prompt_image_set("retain_data", config.retain_data, config.prompt_column,
                                             config.image_column)
     if config.twin_batches != "independent" and forget_data and retain_data and len(forget_data) != len(retain_data):
-        raise ValueError(f"twin_batches: {config.twin_batches} pairs forget row i with retain row i; forget_data has "
+        raise DataError(f"twin_batches: {config.twin_batches} pairs forget row i with retain row i; forget_data has "
                          f"{len(forget_data)} rows and retain_data {len(retain_data)}")
     if forget_data is None and config.is_esd:  # ESD with no set: the concept itself is the prompt
         forget_data = PromptImageSet("forget_data", "concept", [config.concept], None, "")
@@ -478,7 +478,7 @@ def _closed_form_edit(config: TrainConfig, accelerator, out: Path) -> Path:
     if "retain_data" in data:
         # RGD's twins: forget row i and retain row i differ only in the concept.
         if len(data["retain_data"]) != len(edit):
-            raise ValueError(f"uce maps forget_data row i to its twin, retain_data row i: got {len(edit)} forget "
+            raise DataError(f"uce maps forget_data row i to its twin, retain_data row i: got {len(edit)} forget "
                              f"and {len(data['retain_data'])} retain rows")
         guide = data["retain_data"].prompts
     else:

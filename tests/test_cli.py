@@ -118,3 +118,21 @@ def test_bench_micro_names_what_is_missing(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "no recipe for sgd" in err and "rgd" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--monitor_every", "2"], "monitor_prompts: required when forget_data is not a world:… set"),
+    (["--stop_at_erasure", "0.9"], "stop_at_erasure: needs monitor_every"),
+    (["--method", "uce", "--scope", "lora"], "scope: uce edits the text projections in closed form"),
+    (["--twin_batches", "zipped"], "twin_batches: 'zipped' is not one of independent, twins, twins_shared_noise"),
+    (["--monitor_every", "2", "--monitor_prompts", "world:everything"], "monitor_prompts: 'world:everything'"),
+])
+def test_new_training_flags_fail_in_one_line(flags, message, tmp_path, capsys):
+    from erasure.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--recipe", str(RECIPES / "tiny/rgd.yaml"), "--output_dir", str(tmp_path / "out"), *flags])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("erasure: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

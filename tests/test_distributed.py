@@ -15,6 +15,20 @@ from diffusers import DiffusionPipeline
 from conftest import REPO, RECIPES, read_weights, run_recipe
 
 
+def train_on_two_processes(args: list[str], output_dir, timeout: int) -> subprocess.CompletedProcess:
+    """erasure/train.py ARGS under torchrun, two CPU processes on a free local port; must succeed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+         "127.0.0.1", "--master_port", str(port), str(REPO / "erasure" / "train.py"), *args,
+         "--output_dir", str(output_dir)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    return launched
+
+
 def test_two_process_ddp_equals_one_process(tiny_sd1, tmp_path):
     # With ε ≫ √v Adam's step is lr·m/ε, linear in the gradient, so the comparison measures the
     # gradients themselves; with ε = 1e-8 it would amplify round-off in near-zero elements.
@@ -22,15 +36,7 @@ def test_two_process_ddp_equals_one_process(tiny_sd1, tmp_path):
     args = ["--recipe", str(RECIPES / "tiny/rgd.yaml"), "--model", str(tiny_sd1)]
     for key, value in linear.items():
         args += [f"--{key}", str(value)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-         "127.0.0.1", "--master_port", str(port), str(REPO / "erasure" / "train.py"), *args,
-         "--output_dir", str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    launched = train_on_two_processes(args, tmp_path / "ddp", timeout=240)
     assert "2 processes" in launched.stdout + launched.stderr
     single = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "single", **linear)
     base, ddp, one = (read_weights(p / "unet") for p in (tiny_sd1, tmp_path / "ddp", single))
@@ -61,16 +67,8 @@ def test_monitor_under_two_processes_scores_what_one_process_scores(tmp_path):
     args = ["--recipe", str(RECIPES / "world/striped/rgd.yaml")]
     for key, value in watch.items():
         args += [f"--{key}", str(value)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     single = run_recipe("world/striped/rgd.yaml", output_dir=tmp_path / "single", **watch)
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-         "127.0.0.1", "--master_port", str(port), str(REPO / "erasure" / "train.py"), *args,
-         "--output_dir", str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=400, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    train_on_two_processes(args, tmp_path / "ddp", timeout=400)
     one, two = (json.loads((p / "erasure.json").read_text())["run"]["monitor"]["history"]
                 for p in (single, tmp_path / "ddp"))
     assert [c["step"] for c in one] == [c["step"] for c in two] == [0, 2]

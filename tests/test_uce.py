@@ -94,3 +94,10 @@ def test_uce_refuses_unpaired_twins(tiny_sd1, tmp_path):
     with pytest.raises(ValueError, match="retain_data row i"):
         train(config)
     assert not (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_uce_has_no_trainable_scope():
+    from erasure.config import RecipeError, TrainConfig
+
+    with pytest.raises(RecipeError, match="scope: uce edits the text projections in closed form"):
+        TrainConfig(model="tiny:sd1", method="uce", concept="nudity", scope="lora")
