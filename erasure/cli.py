@@ -46,7 +46,8 @@ def _demo(args) -> None:
     config = TrainConfig(output_dir=str(out), **{**DEMO, **({"max_steps": args.steps} if args.steps else {})})
     train(config)
     suite = load_suite(ROOT / "eval" / "micro-striped.yaml", {"prompts": {"limit": args.limit}} if args.limit else {})
-    print(f"\nevaluating base and erased model on {args.limit or 'all 480'} world captions (oracle read-back)…")
+    print(f"\nevaluating base and erased model on {args.limit or 'all 960'} world captions, 480 named and 480 by "
+          "alias (oracle read-back)…")
     report = evaluate(suite, ["world:micro", str(out)], out / "eval")
     erased = DiffusionPipeline.from_pretrained(out)  # what a user of the export does
     original = DiffusionPipeline.from_pretrained(base)
@@ -252,7 +253,7 @@ def _main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="erase 'striped' from the shipped micro world with RGD, evaluate, export, reload (≈3 min on 2 cores)")
     demo.add_argument("--out", default="erasure-demo", help="where the erased pipeline goes")
     demo.add_argument("--steps", type=int, help=f"RGD steps (default {DEMO['max_steps']})")
-    demo.add_argument("--limit", type=int, help="evaluate only the first N of the 480 captions")
+    demo.add_argument("--limit", type=int, help="evaluate only the first N of the 960 captions (480 named, then 480 by alias)")
     demo.set_defaults(run=_demo)
 
     prompts = commands.add_parser("prompts", help="concept specs → paired forget/retain prompt sets")
