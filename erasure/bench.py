@@ -215,7 +215,8 @@ def frontier_plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"UA ({result['concept']} erased) ↑")
     axes[1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"micro world: erasing {result['concept']!r} — frontier over {len(result['seeds'])} seeds, "
+    seeds = len(result["seeds"])
+    fig.suptitle(f"micro world: erasing {result['concept']!r} — frontier over {seeds} seed{'s' * (seeds != 1)}, "
                  f"every {result['every']} steps (UCE: over λ_p)")
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
