@@ -115,6 +115,9 @@ def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = No
     missing = [m for m in methods if not recipe_path(concept, m).is_file()]
     if missing:
         raise ValueError(f"no recipe for {', '.join(missing)} under {ROOT / 'recipes' / 'world' / concept}")
+    for name, value in (("--steps", steps), ("--every", every), ("--images", images)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}: must be ≥ 1, got {value}")
     steps, every = steps or FRONTIER["steps"], every or FRONTIER["every"]
     images, seeds = images or FRONTIER["images"], tuple(seeds if seeds is not None else FRONTIER["seeds"])
     out = Path(out)

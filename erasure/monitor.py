@@ -189,7 +189,8 @@ class Monitor:
         mine = list(range(rank, len(self.forget), world))
         forget, retain = [self.forget[i] for i in mine], [self.retain[i] for i in mine if i < len(self.retain)]
         seeds = [self.config.seed * 1_000_003 + i for i in mine]  # the same noise at every check
-        forget_images, retain_images = self._sample(forget, seeds), self._sample(retain, seeds[:len(retain)])
+        images = self._sample(forget + retain, seeds + seeds[:len(retain)])  # one trip of the encoders
+        forget_images, retain_images = images[:len(forget)], images[len(forget):]
         if self.detector == "oracle":
             scores = self._world(forget_images + retain_images, forget + retain)
             result = {"step": step, "erasure": scores["UA"], "retain": scores["RA"], "detector": self.detector,
@@ -206,14 +207,25 @@ class Monitor:
             self._log(step, result, forget_images, retain_images)
         return result
 
+    @staticmethod
+    def _grid(forget_images, retain_images, columns: int = 8) -> np.ndarray:
+        """Up to ``columns`` forget images in the top row, their retain twins below."""
+        from erasure.world.model import image_grid
+
+        def row(images):
+            arrays = np.stack([np.asarray(i.convert("RGB")) for i in images[:columns]])
+            return image_grid(arrays, columns)
+
+        return np.concatenate([row(forget_images)] + ([row(retain_images)] if retain_images else []))
+
     def _log(self, step: int, result: dict, forget_images, retain_images) -> None:
         from erasure.data.generate import write_atomically
 
         scalars = {f"monitor/{k}": v for k, v in {**result, **result.get("world", {})}.items() if isinstance(v, float)}
         self.accelerator.log(scalars, step=step)
-        grid = image_grid(forget_images, retain_images)
-        if grid is None:
+        if not forget_images:
             return
+        grid = self._grid(forget_images, retain_images)
         # The image grid goes to the trackers whose log_images takes an array (the others disagree on
         # the format); every tracker gets the scores, and the grid is always saved beside the run.
         for tracker in self.accelerator.trackers:
@@ -228,18 +240,3 @@ class Monitor:
         write_atomically(self.grids / f"step-{step:06d}.png", lambda f: picture.save(f, format="PNG"))
         write_atomically(self.grids / "history.json",
                          lambda f: f.write((json.dumps(self.history, indent=2) + "\n").encode()))
-
-
-def image_grid(forget_images, retain_images, columns: int = 8):
-    """Forget images in the top row(s), their retain twins below, as one uint8 array."""
-    images = [np.asarray(i.convert("RGB")) for i in list(forget_images)[:columns] + list(retain_images)[:columns]]
-    if not images:
-        return None
-    h, w = images[0].shape[:2]
-    rows = 2 if retain_images else 1
-    grid = np.zeros((rows * h, columns * w, 3), np.uint8)
-    for j, img in enumerate(images[: len(list(forget_images)[:columns])]):
-        grid[:h, j * w:(j + 1) * w] = img
-    for j, img in enumerate(images[len(list(forget_images)[:columns]):]):
-        grid[h:2 * h, j * w:(j + 1) * w] = img
-    return grid

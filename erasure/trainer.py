@@ -371,7 +371,8 @@ def train(config: TrainConfig) -> Path:
         from erasure.monitor import Monitor
 
         monitor = Monitor(config, accelerator, backbone, base_folder, out)
-        monitor.history = record.get("monitor", [])  # a resumed run keeps the checks it made
+        # one list: a resumed run keeps the checks it made, and checkpoints save the ones to come
+        monitor.history = record["monitor"] = record.get("monitor", [])
         if main:
             print(monitor.info, flush=True)
     stopped = None
@@ -402,7 +403,6 @@ def train(config: TrainConfig) -> Path:
         done = step + 1
         if monitor and (done % config.monitor_every == 0 or done == config.max_steps):
             check = monitor.check(done)
-            record["monitor"] = monitor.history
             bar.set_postfix({**shown, "erased": f"{check['erasure']:.2f}",
                              **({"kept": f"{check['retain']:.2f}"} if check["retain"] is not None else {})})
             if meets_stop(check):

@@ -136,3 +136,13 @@ def test_new_training_flags_fail_in_one_line(flags, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("erasure: error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_frontier_budget_must_be_positive(tmp_path, capsys):
+    from erasure.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "micro", "--concept", "striped", "--frontier", "--every", "0", "--out", str(tmp_path / "f")])
+    assert stop.value.code == 2
+    assert "--every: must be ≥ 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()

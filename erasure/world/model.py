@@ -452,12 +452,14 @@ def quality(pipe, oracle: Oracle, combos: list[dict], recipe: WorldRecipe, seed:
     return read_back(oracle, images, attrs), images
 
 
-def _grid(images: np.ndarray, columns: int) -> np.ndarray:
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """N×H×W×3 images as one grid, ``columns`` wide, the last row padded with black."""
     rows = -(-len(images) // columns)
     pad = rows * columns - len(images)
     if pad:
         images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-    return images.reshape(rows, columns, SIZE, SIZE, 3).transpose(0, 2, 1, 3, 4).reshape(rows * SIZE, columns * SIZE, 3)
+    h, w = images.shape[1:3]
+    return images.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, 3)
 
 
 def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = True, device: str = "cpu",
@@ -522,7 +524,7 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
         pipe.unet.to(torch.float32)
         pipe.vae.to(torch.float32)
         save_oracle(oracle.half(), tmp / ORACLE_DIR)
-        Image.fromarray(_grid(images[: 8 * 12], 12)).resize((12 * SIZE * 3, 8 * SIZE * 3), Image.NEAREST).save(
+        Image.fromarray(image_grid(images[: 8 * 12], 12)).resize((12 * SIZE * 3, 8 * SIZE * 3), Image.NEAREST).save(
             tmp / "held_out_samples.png")
         (tmp / WORLD_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
