@@ -30,14 +30,29 @@ from erasure.world.data import CHECKOUT as ROOT
 from erasure.world.data import CONCEPTS
 
 
+# The recommended recipe, recipes/world/erase.yaml, names no concept: the bench passes it the
+# concept and the world's pair sets as flags, as a user does.
+RECOMMENDED = "erase"
+
+
 def recipe_path(concept: str, method: str) -> Path:
+    if method == RECOMMENDED:
+        return ROOT / "recipes" / "world" / f"{RECOMMENDED}.yaml"
     return ROOT / "recipes" / "world" / concept / f"{method}.yaml"
 
 
+def concept_flags(concept: str, method: str) -> dict:
+    if method != RECOMMENDED:
+        return {}
+    return {"concept": concept, "forget_data": f"world:{concept}/forget", "retain_data": f"world:{concept}/retain"}
+
+
 def default_methods(concept: str) -> list[str]:
-    """Every recipe for ``concept``: the method table's order first, then variants by name."""
+    """Every recipe for ``concept``: the method table's order first, then variants by name, then the
+    recommended recipe."""
     stems = sorted(p.stem for p in (ROOT / "recipes" / "world" / concept).glob("*.yaml"))
-    return [m for m in METHOD_TABLE if m in stems] + [s for s in stems if s not in METHOD_TABLE]
+    found = [m for m in METHOD_TABLE if m in stems] + [s for s in stems if s not in METHOD_TABLE]
+    return found + ([RECOMMENDED] if recipe_path(concept, RECOMMENDED).is_file() else [])
 
 
 def train_one(recipe: Path, out: Path, overrides: dict, show: bool) -> dict:
@@ -82,7 +97,8 @@ def bench_micro(concept: str, out: str | Path, methods: list[str] | None = None,
     for method in methods:
         if show:
             print(f"\n== {method}", flush=True)
-        costs[method] = train_one(recipe_path(concept, method), out / "models" / method, overrides, show)
+        costs[method] = train_one(recipe_path(concept, method), out / "models" / method,
+                                  {**concept_flags(concept, method), **overrides}, show)
     suite_overrides = {"prompts": {"limit": limit}} if limit else {}
     suite = load_suite(ROOT / "eval" / f"micro-{concept}.yaml", suite_overrides)
     report = evaluate(suite, ["world:micro"] + [str(out / "models" / m) for m in methods], out / "eval", show=show)
@@ -121,8 +137,10 @@ def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = No
     steps, every = steps or FRONTIER["steps"], every or FRONTIER["every"]
     images, seeds = images or FRONTIER["images"], tuple(seeds if seeds is not None else FRONTIER["seeds"])
     out = Path(out)
+    # The whole trajectory: a recipe's own stop (the recommended one stops at erasure) is switched
+    # off here, and its own monitor prompts give way to the fixed subset of world captions.
     watch = {"monitor_every": every, "monitor_prompts": "world:all+aliases", "monitor_images": images,
-             "checkpointing_steps": 0}
+             "stop_at_erasure": "null", "checkpointing_steps": 0}
     curves = {}
     for method in methods:
         closed = METHOD_TABLE[read_recipe(recipe_path(concept, method))["method"]].closed_form
@@ -133,7 +151,8 @@ def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = No
             points = []
             # UCE has no steps: its points are edits at increasing preserve scales λ_p.
             for scale in ((preserve_scales or UCE_PRESERVE_SCALES) if closed else (None,)):
-                overrides = {**watch, "seed": seed, **({"uce_preserve_scale": scale} if closed else {"max_steps": steps})}
+                overrides = {**concept_flags(concept, method), **watch, "seed": seed,
+                             **({"uce_preserve_scale": scale} if closed else {"max_steps": steps})}
                 folder = out / "models" / f"{method}-seed{seed}" / (f"lp{scale:g}" if closed else "")
                 cost = train_one(recipe_path(concept, method), folder, overrides, show=False)
                 history = json.loads((folder / "erasure.json").read_text())["run"]["monitor"]["history"]

@@ -91,7 +91,13 @@ class TrainConfig:
         "Global batch per optimizer step, per set (forget and retain each), over all processes."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Micro-batches per process per step; the batch is split, the update is the same."))
-    learning_rate: float = field(default=1e-5, metadata=_help("Adam learning rate."))
+    learning_rate: float = field(default=1e-5, metadata=_help("Optimizer learning rate."))
+    optimizer: str = field(default="adamw", metadata=_help(
+        "adamw (every paper's) or sgd (with sgd_momentum): plain SGD takes the combined update itself as "
+        "the step, so RG/RGD's restricted gradient is the direction the weights move; Adam's per-coordinate "
+        "rescaling turns it into another direction (new option, not in the papers).",
+        choices=("adamw", "sgd")))
+    sgd_momentum: float = field(default=0.9, metadata=_help("Momentum of optimizer: sgd."))
     lr_scheduler: str = field(default="constant", metadata=_help(
         "diffusers.optimization scheduler name.",
         choices=("constant", "constant_with_warmup", "linear", "cosine")))
@@ -113,7 +119,27 @@ class TrainConfig:
     forget_weight: float = field(default=1.0, metadata=_help("λ_f in g_f = ∇(-λ_f min(l_f, cap))."))
     forget_loss_cap: float | None = field(default=1.1, metadata=_help(
         "Truncate the ascended forget loss at this value (RGD SD 1.4: ≈1.1); null: no cap."))
-
+    forget_loss: str = field(default="ascent", metadata=_help(
+        "The forget objective of graddiff/rg/rgd: ascent (the papers': −min(l_f, cap)) or twin "
+        "(‖ε_θ(x_t, c_f) − ε_θ₀(x_t, c_twin)‖² on D_f's x_t, c_twin the forget prompt's twin in D_r: the "
+        "concept prompt learns to denoise as the base does without the concept, Kumari et al. 2023's "
+        "ablation target on RGD's twins; bounded, so no cliff; new option).",
+        choices=("ascent", "twin")))
+    forget_loss_cap_per_sample: bool = field(default=False, metadata=_help(
+        "Truncate each sample's forget loss at the cap, not the batch mean: mean_i min(l_i, cap), so a "
+        "sample already forgotten stops pushing while the others still ascend (new option)."))
+    forget_loss_cap_relative: float | None = field(default=None, metadata=_help(
+        "k: cap each sample's forget loss at k times the base model's loss on the same x_t, t and prompt, "
+        "mean_i min(l_i(θ), k·l_i(θ₀)) — ascent stops at a set distance from the base model, whatever the "
+        "concept's loss scale; replaces forget_loss_cap (new option; the base is a frozen copy, or the "
+        "LoRA adapter switched off)."))
+    retain_loss: str = field(default="denoising", metadata=_help(
+        "The retain objective on D_r: denoising (every paper's ‖ε_θ(x_t,c_r) − ε‖²); distill "
+        "(‖ε_θ(x_t,c_r) − ε_θ₀(x_t,c_r)‖², the frozen base's prediction at the same x_t: anchors the "
+        "function instead of noisy targets); both (their sum). New option.",
+        choices=("denoising", "distill", "both")))
+    base_pull: float = field(default=0.0, metadata=_help(
+        "μ: add μ(θ − θ₀) to the combined update, a pull toward the starting weights (0: off; new option)."))
     twin_batches: str = field(default="independent", metadata=_help(
         "How a step's retain batch relates to its forget batch: independent draws; twins (retain row i "
         "is forget row i's twin, as RGD's reference code zips them); twins_shared_noise (twins that also "
@@ -214,7 +240,8 @@ class TrainConfig:
             raise RecipeError("method: required, one of " + ", ".join(METHODS))
         self.method = self.method.lower()
         for name in ("method", "scope", "lr_scheduler", "mixed_precision", "msgm_orthogonal_form",
-                     "weighting_scheme", "uce_token_span", "twin_batches", "monitor_detector"):
+                     "weighting_scheme", "uce_token_span", "twin_batches", "monitor_detector", "optimizer",
+                     "retain_loss", "forget_loss"):
             value, choices = getattr(self, name), FIELDS[name].metadata.get("choices")
             if value is not None and value not in choices:
                 raise RecipeError(f"{name}: {value!r} is not one of {', '.join(choices)}"
@@ -239,6 +266,21 @@ class TrainConfig:
                 raise RecipeError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.forget_loss_cap is not None and self.forget_loss_cap <= 0:
             raise RecipeError(f"forget_loss_cap: must be > 0 or null, got {self.forget_loss_cap}")
+        if self.forget_loss_cap_relative is not None and self.forget_loss_cap_relative <= 1:
+            raise RecipeError(f"forget_loss_cap_relative: a factor > 1 over the base model's loss (e.g. 2), got "
+                              f"{self.forget_loss_cap_relative}")
+        ascends = self.method in ("graddiff", "graddiffd", "rg", "rgd")
+        if (self.forget_loss_cap_relative is not None or self.forget_loss_cap_per_sample) and not ascends:
+            raise RecipeError(f"forget_loss_cap_relative / forget_loss_cap_per_sample cap gradient ascent "
+                              f"(graddiff, graddiffd, rg, rgd); {self.method} does not ascend")
+        if self.forget_loss != "ascent" and not ascends:
+            raise RecipeError(f"forget_loss: {self.forget_loss} replaces gradient ascent (graddiff, graddiffd, rg, "
+                              f"rgd); {self.method} does not ascend")
+        if self.retain_loss != "denoising" and not self.uses_retain:
+            raise RecipeError(f"retain_loss: {self.retain_loss}; {self.method} has no retain objective")
+        if self.base_pull < 0 or not 0 <= self.sgd_momentum < 1:
+            raise RecipeError(f"base_pull must be ≥ 0 and sgd_momentum in [0, 1), got {self.base_pull} and "
+                              f"{self.sgd_momentum}")
         for name in ("uce_erase_scale", "uce_preserve_scale", "uce_lambda"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
@@ -253,8 +295,12 @@ class TrainConfig:
             if not self.monitor_every:
                 raise RecipeError("stop_at_erasure: needs monitor_every (how often to check), e.g. monitor_every: 10")
         if self.monitor_every and not self.monitor_prompts and not (self.forget_data or "").startswith("world:"):
-            raise RecipeError("monitor_prompts: required when forget_data is not a world:… set: the held-out "
-                              "pairs, e.g. the test.jsonl `erasure prompts build` wrote beside train.jsonl")
+            from erasure.monitor import held_out_beside
+
+            if not (self.forget_data and held_out_beside(self.forget_data)):
+                raise RecipeError("monitor_prompts: required here: forget_data is neither a world:… set nor a set "
+                                  "`erasure data generate` rendered from a train.jsonl with a test.jsonl beside it; "
+                                  "give the held-out pairs, e.g. that test.jsonl")
         if self.monitor_prompts and self.monitor_prompts.startswith("world:"):
             from erasure.eval.micro import WORLD_PROMPTS
 

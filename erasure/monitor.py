@@ -40,12 +40,30 @@ EXPOSED_THRESHOLD = 0.6
 WORLD_KEYS = ("UA", "implicit_UA", "neighbour_accuracy", "implicit_neighbour_accuracy", "RA", "forget_context")
 
 
+def held_out_beside(forget_data: str) -> Path | None:
+    """The test.jsonl beside the train.jsonl a generated set was rendered from: `erasure data generate`
+    records its prompts file in generation.json, in the folder above forget/ (or in it)."""
+    folder = Path(forget_data).expanduser()
+    for candidate in (folder, folder.parent):
+        record = candidate / "generation.json"
+        if record.is_file():
+            try:
+                prompts = Path(json.loads(record.read_text())["prompts_file"])
+            except (ValueError, KeyError, TypeError):
+                return None
+            test = prompts.with_name("test.jsonl")
+            return test if test != prompts and test.is_file() else None
+    return None
+
+
 def default_prompts(config) -> Path:
     """The test split behind the forget set: a world pair set's, or the one beside a generated set."""
     from erasure.world.data import parse_source, world_pairs
 
-    # TrainConfig has checked that the forget set is a world set when monitor_prompts is not given.
-    return world_pairs(parse_source(config.forget_data)[0]) / "prompts" / "test.jsonl"
+    if config.forget_data.startswith("world:"):
+        return world_pairs(parse_source(config.forget_data)[0]) / "prompts" / "test.jsonl"
+    # TrainConfig has checked that there is one when monitor_prompts is not given.
+    return held_out_beside(config.forget_data)
 
 
 def detector_name(config, base_folder: Path) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,8 +32,9 @@ from erasure.config import TrainConfig
 from erasure.data.paired import DataError, PromptImageSet, decode_image, load_prompt_image_set
 from erasure.methods import METHOD_TABLE
 from erasure.methods.esd import sample_partial_trajectory
-from erasure.methods.objectives import (denoising_loss, esd_loss, forget_ascent, guided_denoising_loss,
-                                        msgm_loss, salun_relabel_loss)
+from erasure.methods.objectives import (denoising_loss, denoising_losses, esd_loss, forget_ascent,
+                                        guided_denoising_loss, msgm_loss, per_sample_ascent,
+                                        distillation_loss, salun_relabel_loss)
 from erasure.methods.restricted_gradient import cosine, global_inner_products, update_coefficients
 from erasure.methods.saliency import saliency_mask
 
@@ -122,6 +123,8 @@ class Erasure:
         self.g_f: list[torch.Tensor] | None = None  # the one extra gradient-sized buffer
         self.mask: list[torch.Tensor] | None = None
         self.sharded = accelerator.distributed_type.name in ("FSDP",)
+        # base_pull's θ₀: the weights before the first step (a resumed run still pulls toward these)
+        self.start_weights = [p.detach().clone() for p in params] if config.base_pull else None
 
     @property
     def unwrapped(self):
@@ -150,6 +153,20 @@ class Erasure:
             x0 = self.backbone.latents(data.mean[rows], data.std[rows], micro["latent_noise"]).to(self.device)
         return x0, micro["noise"].to(self.device), micro["timesteps"].to(self.device), cond
 
+    @contextmanager
+    def base_model(self):
+        """θ₀ for the objectives that read the base model: the frozen copy, or with LoRA the same
+        model with its adapter switched off (no second copy). Forward passes only, no gradient."""
+        if self.frozen is not None:
+            yield self.frozen
+            return
+        model = self.unwrapped
+        model.disable_adapters()
+        try:
+            yield model
+        finally:
+            model.enable_adapters()
+
     def fixed_cond(self, prompt: str, n: int) -> dict:
         return self.prompts.cond(self.prompts.ids([prompt] * n), self.device)
 
@@ -158,9 +175,21 @@ class Erasure:
         """(what to minimise, what to log) for one forget micro-batch."""
         c, kind = self.config, self.method.forget
         x0, noise, t, cond = self.inputs(self.forget, micro)
+        if kind == "ascent" and c.forget_loss == "twin":
+            # forget row i's twin is retain row i (checked when the sets load)
+            twin = self.prompts.cond(self.retain.prompt_ids[micro["rows"]], self.device)
+            loss = self.distill(x0, noise, t, cond, twin)
+            return loss, loss
         if kind == "ascent":
-            loss = denoising_loss(self.backbone, self.model, x0, noise, t, cond)
-            return forget_ascent(loss, c.forget_loss_cap, c.forget_weight), loss
+            if not (c.forget_loss_cap_per_sample or c.forget_loss_cap_relative):
+                loss = denoising_loss(self.backbone, self.model, x0, noise, t, cond)
+                return forget_ascent(loss, c.forget_loss_cap, c.forget_weight), loss
+            cap = c.forget_loss_cap
+            if c.forget_loss_cap_relative:
+                with torch.no_grad(), self.base_model() as base:
+                    cap = c.forget_loss_cap_relative * denoising_losses(self.backbone, base, x0, noise, t, cond)
+            losses = denoising_losses(self.backbone, self.model, x0, noise, t, cond)
+            return per_sample_ascent(losses, cap, c.forget_weight), losses.mean()
         if kind == "relabel":
             anchor = self.fixed_cond(c.salun_anchor_prompt, len(noise))
             loss = salun_relabel_loss(self.backbone, self.model, self.unwrapped, x0, noise, t, cond, anchor)
@@ -181,8 +210,18 @@ class Erasure:
 
     def retain_objective(self, micro: dict):
         x0, noise, t, cond = self.inputs(self.retain, micro)
-        loss = denoising_loss(self.backbone, self.model, x0, noise, t, cond)
+        if self.config.retain_loss == "denoising":
+            loss = denoising_loss(self.backbone, self.model, x0, noise, t, cond)
+            return loss, loss
+        loss = self.distill(x0, noise, t, cond, cond, with_denoising=self.config.retain_loss == "both")
         return loss, loss
+
+    def distill(self, x0, noise, t, cond, base_cond, with_denoising: bool = False):
+        """The model under ``cond`` toward the base model under ``base_cond`` at the same x_t."""
+        noised = self.backbone.add_noise(x0, noise, t)
+        with torch.no_grad(), self.base_model() as base:
+            base_prediction = self.backbone.predict(base, noised.x_t, t, base_cond)
+        return distillation_loss(self.backbone, self.model, noised, t, cond, base_prediction, with_denoising)
 
     def forget_active(self, step: int) -> bool:
         if self.method.forget is None:
@@ -230,8 +269,12 @@ class Erasure:
             torch._foreach_mul_(grads, b)
             torch._foreach_add_(grads, self.g_f, alpha=a)  # update = a·g_f + b·g_r, in place
             log["cos"] = cosine(dot, ff, rr)
+            log["forget_grad_norm"], log["retain_grad_norm"] = ff ** 0.5, rr ** 0.5
         elif has_retain:
             torch._foreach_mul_(grads, self.config.retain_weight)
+        if self.start_weights is not None:  # base_pull: update += μ (θ − θ₀)
+            torch._foreach_add_(grads, torch._foreach_sub([p.detach() for p in self.params], self.start_weights),
+                                alpha=self.config.base_pull)
         if self.mask is not None:
             for g, m in zip(grads, self.mask):
                 g.mul_(m)
@@ -305,9 +348,11 @@ def train(config: TrainConfig) -> Path:
     if method.retain:
         retain_data = load_prompt_image_set("retain_data", config.retain_data, config.prompt_column,
                                             config.image_column)
-    if config.twin_batches != "independent" and forget_data and retain_data and len(forget_data) != len(retain_data):
-        raise DataError(f"twin_batches: {config.twin_batches} pairs forget row i with retain row i; forget_data has "
-                         f"{len(forget_data)} rows and retain_data {len(retain_data)}")
+    for key, paired in (("twin_batches", config.twin_batches != "independent"),
+                        ("forget_loss", method.forget == "ascent" and config.forget_loss == "twin")):
+        if paired and forget_data and retain_data and len(forget_data) != len(retain_data):
+            raise DataError(f"{key}: {getattr(config, key)} pairs forget row i with retain row i (its twin); "
+                            f"forget_data has {len(forget_data)} rows and retain_data {len(retain_data)}")
     if forget_data is None and config.is_esd:  # ESD with no set: the concept itself is the prompt
         forget_data = PromptImageSet("forget_data", "concept", [config.concept], None, "")
 
@@ -337,7 +382,12 @@ def train(config: TrainConfig) -> Path:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    frozen = backbone.frozen_copy(weight_dtype).to(device) if method.forget == "esd" else None
+    # The base model θ₀ for ESD's targets, retain distillation and the relative cap: a frozen copy,
+    # except that a LoRA run (other than ESD's) reads it by switching its adapter off.
+    reads_base = (method.forget == "esd" or (method.retain and config.retain_loss != "denoising")
+                  or (method.forget == "ascent" and (config.forget_loss_cap_relative or config.forget_loss == "twin")))
+    copies_base = reads_base and (method.forget == "esd" or config.scope != "lora")
+    frozen = backbone.frozen_copy(weight_dtype).to(device) if copies_base else None
     trainable = backbone.select_trainable(config.scope, config.lora_rank, config.lora_alpha)
     names = [n for n, _ in trainable]
     params = [p for _, p in trainable]
@@ -345,8 +395,12 @@ def train(config: TrainConfig) -> Path:
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":  # the step is the combined update itself (times lr, with momentum)
+        optimizer = torch.optim.SGD(params, lr=config.learning_rate, momentum=config.sgd_momentum,
+                                    weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
     # The schedule is stepped once per update by us, not by accelerate (which steps it per process).
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)
@@ -396,9 +450,9 @@ def train(config: TrainConfig) -> Path:
         began = time.perf_counter()
         log = run.step(step)  # ends in .item() of the losses, so the device has finished the step
         step_seconds.append(time.perf_counter() - began)
-        shown = {k: f"{v:.4f}" for k, v in log.items() if v is not None}
+        shown = {k: f"{v:.4f}" for k, v in log.items() if v is not None and "grad" not in k}
         bar.set_postfix(shown, refresh=False)
-        accelerator.log({f"loss/{k}" if k != "cos" else "grad_cosine": v
+        accelerator.log({"grad_cosine" if k == "cos" else k if "grad" in k else f"loss/{k}": v
                          for k, v in log.items() if v is not None}, step=step + 1)
         done = step + 1
         if monitor and (done % config.monitor_every == 0 or done == config.max_steps):
@@ -529,7 +583,8 @@ def _export(model, config: TrainConfig, backbone: Backbone, base_folder: Path, o
             "method": config.method, "concept": config.concept,
             "steps": stats.get("steps_done", 0 if METHOD_TABLE[config.method].closed_form else config.max_steps),
             "final_losses": {"forget": log.get("forget"), "retain": log.get("retain"),
-                             "grad_cosine": log.get("cos")},
+                             "grad_cosine": log.get("cos"), "forget_grad_norm": log.get("forget_grad_norm"),
+                             "retain_grad_norm": log.get("retain_grad_norm")},
             "data": {name: d.describe() for name, d in data.items()},
             "run": stats, "config": config.to_dict()}
     export_pipeline(backbone.pipe, out, base_folder, card, lora, backbone.save_lora)

@@ -165,3 +165,23 @@ def test_generation_from_the_command_line_on_a_built_prompt_set(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "d/retain/metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("nude" not in r["prompt"] for r in rows)
     assert json.loads((tmp_path / "d/generation.json").read_text())["dtype"] == "float32"
+
+
+def test_monitor_finds_the_held_out_split_beside_a_generated_set(tiny_sd1, tmp_path):
+    """A set rendered from prompts/train.jsonl is monitored on prompts/test.jsonl, through the prompts file
+    generation.json records; a set from any other file needs monitor_prompts."""
+    from erasure.config import RecipeError, TrainConfig
+    from erasure.monitor import held_out_beside
+
+    (tmp_path / "prompts").mkdir()
+    train = write_prompts(tmp_path / "prompts" / "train.jsonl", 1)
+    out = generate_pairs(train, tiny_sd1, tmp_path / "data", **FAST)
+    recipe = dict(model=str(tiny_sd1), method="rgd", concept="nudity", forget_data=str(out / "forget"),
+                  retain_data=str(out / "retain"), monitor_every=2, monitor_detector="clip")
+    with pytest.raises(RecipeError, match="monitor_prompts: required"):
+        TrainConfig(**recipe)
+    test = write_prompts(tmp_path / "prompts" / "test.jsonl", 2)
+    assert held_out_beside(str(out / "forget")) == test.resolve()
+    assert held_out_beside(str(out)) == test.resolve()
+    TrainConfig(**recipe)  # no monitor_prompts needed now
+    assert held_out_beside(str(tmp_path / "prompts")) is None  # no generation.json: nothing to go by

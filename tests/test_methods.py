@@ -131,3 +131,51 @@ def test_twin_batches_need_paired_sets(tiny_sd1, tmp_path):
                                                  for i in range(3)))
     with pytest.raises(ValueError, match="twin_batches: twins pairs forget row i with retain row i"):
         run_recipe("tiny/rgd.yaml", model=tiny_sd1, retain_data=data, output_dir=tmp_path / "out", twin_batches="twins")
+
+
+@pytest.mark.parametrize("scope", ["full", "lora"])
+def test_the_base_model_is_read_as_it_was_before_the_first_step(scope, tiny_sd1, tmp_path):
+    """retain_loss: distill and forget_loss: twin read θ₀ — a frozen copy, or the LoRA adapter switched
+    off. At step 0 the model is θ₀, so the distillation loss is exactly 0; after a step it is not,
+    which also shows that a LoRA adapter is switched back on for the model being trained."""
+    losses = []
+    for steps in (1, 3):
+        out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / f"{scope}{steps}", max_steps=steps,
+                         checkpointing_steps=0, scope=scope, lora_rank=4, learning_rate=1e-2,
+                         retain_loss="distill", forget_loss="twin")
+        losses.append(json.loads((out / "erasure.json").read_text())["final_losses"])
+    assert losses[0]["retain"] < 1e-10  # the same function (a frozen copy may differ in the last bits)
+    assert losses[1]["retain"] > 0 and losses[1]["forget"] > 0
+
+
+def test_relative_cap_and_base_pull_train_and_are_recorded(tiny_sd1, tmp_path):
+    out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "out", max_steps=2, checkpointing_steps=0,
+                     forget_loss_cap_relative=2, base_pull=0.5, optimizer="sgd", learning_rate=0.05)
+    card = json.loads((out / "erasure.json").read_text())
+    assert card["config"]["forget_loss_cap_relative"] == 2 and card["config"]["optimizer"] == "sgd"
+    before, after = read_weights(tiny_sd1 / "unet"), read_weights(out / "unet")
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_sgd_steps_along_the_restricted_gradient_and_adam_does_not():
+    """With optimizer: sgd (no momentum) the step is −lr·(δ_f + λδ_r), so to first order it cannot raise
+    the retain loss (⟨step, g_r⟩ ≤ 0, Theorem 4's guarantee); Adam's per-coordinate rescaling of the
+    same update can point uphill for the retain loss — why the option exists."""
+    from erasure.methods.restricted_gradient import update_coefficients
+
+    g_f = torch.tensor([1.0, -0.01, 0.02])  # a conflicting pair with coordinates of very different scale
+    g_r = torch.tensor([-0.5, 0.02, 0.02])
+    dot, ff, rr = float(g_f @ g_r), float(g_f @ g_f), float(g_r @ g_r)
+    a, b = update_coefficients(dot, ff, rr, 1.5, restricted=True)
+    update = a * g_f + b * g_r
+    steps = {}
+    for name, make in (("sgd", lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.0)),
+                       ("adam", lambda p: torch.optim.AdamW([p], lr=0.1, weight_decay=0.0))):
+        p = torch.zeros(3, requires_grad=True)
+        optimizer = make(p)
+        p.grad = update.clone()
+        optimizer.step()
+        steps[name] = p.detach().clone()
+    torch.testing.assert_close(steps["sgd"], -0.1 * update)
+    assert float(steps["sgd"] @ g_r) <= 1e-9  # the retain loss does not rise to first order
+    assert float(steps["adam"] @ g_r) > 0  # Adam's sign-like first step climbs it

@@ -5,8 +5,9 @@ import torch
 
 from conftest import read_weights, run_recipe
 from erasure.backbones.base import Backbone, Noised
-from erasure.methods.objectives import (denoising_loss, esd_loss, forget_ascent, guided_denoising_loss, msgm_loss,
-                                        salun_relabel_loss)
+from erasure.methods.objectives import (denoising_loss, denoising_losses, esd_loss, forget_ascent,
+                                        guided_denoising_loss, msgm_loss, per_sample_ascent,
+                                        distillation_loss, salun_relabel_loss)
 
 
 class ToyBackbone(Backbone):
@@ -55,6 +56,55 @@ def test_forget_ascent_climbs_below_the_cap_and_stops_past_it():
         torch.testing.assert_close(g, -2.0 * p)
     past = grads(forget_ascent(denoising_loss(backbone, model, x0, noise, t, cond), cap=loss.item() / 2), model)
     assert all(torch.count_nonzero(g) == 0 for g in past)
+
+
+def test_per_sample_cap_silences_only_the_samples_past_it():
+    backbone, (model, x0, noise, t, cond, _) = ToyBackbone(), toy()
+    losses = denoising_losses(backbone, model, x0, noise, t, cond)
+    ordered = losses.detach().sort().values
+    cap = (ordered[2] + ordered[3]) / 2  # three samples below the cap, two past it (no ties)
+    below = losses.detach() < cap
+    assert 0 < int(below.sum()) < len(losses)
+    got = grads(per_sample_ascent(denoising_losses(backbone, model, x0, noise, t, cond), cap, weight=2.0), model)
+    # only the samples below the cap ascend, each with weight 2/n
+    expected = grads(-2.0 * (denoising_losses(backbone, model, x0, noise, t, cond) * below).sum() / len(losses), model)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_relative_cap_is_k_times_the_base_loss_of_each_sample():
+    backbone, (model, x0, noise, t, cond, _) = ToyBackbone(), toy()
+    base, *_ = toy(seed=1)
+    with torch.no_grad():
+        cap = 1.5 * denoising_losses(backbone, base, x0, noise, t, cond)
+    losses = denoising_losses(backbone, model, x0, noise, t, cond)
+    active = losses.detach() < cap
+    loss = per_sample_ascent(losses, cap)
+    torch.testing.assert_close(loss, -torch.minimum(losses, cap).mean())
+    got = grads(loss, model)
+    expected = grads(-(denoising_losses(backbone, model, x0, noise, t, cond) * active).sum() / len(losses), model)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    assert all(p.grad is None for p in base.parameters())
+
+
+@pytest.mark.parametrize("with_denoising", [False, True])
+def test_retain_distillation_targets_the_base_prediction_at_the_same_x_t(with_denoising):
+    backbone, (model, x0, noise, t, cond, _) = ToyBackbone(), toy()
+    base, *_ = toy(seed=1)
+    noised = backbone.add_noise(x0, noise, t)
+    with torch.no_grad():
+        base_prediction = backbone.predict(base, noised.x_t, t, cond)
+    loss = distillation_loss(backbone, model, noised, t, cond, base_prediction, with_denoising)
+    prediction = model(x0 + noise) + cond["encoder_hidden_states"]
+    expected = (prediction - base_prediction).pow(2).mean()
+    if with_denoising:
+        expected = expected + denoising_loss(backbone, model, x0, noise, t, cond)
+    torch.testing.assert_close(loss, expected)
+    # at the base itself the distillation term is exactly zero, and so is its gradient
+    at_base = distillation_loss(backbone, base, noised, t, cond, base_prediction)
+    assert at_base.item() == 0
+    assert all(torch.count_nonzero(g) == 0 for g in grads(at_base, base))
 
 
 @pytest.mark.parametrize("eta", [1.0, 2.0])

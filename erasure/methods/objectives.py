@@ -14,13 +14,38 @@ def _per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning):
-    """l(θ; batch): the backbone's native denoising loss ‖pred − target‖², per-sample weighted."""
+def _weighted(per_sample: torch.Tensor, noised) -> torch.Tensor:
+    """The backbone's per-timestep loss weight (SD3's density weighting), where it has one."""
+    return per_sample if noised.weight is None else per_sample * noised.weight.to(per_sample.device)
+
+
+def denoising_losses(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning) -> torch.Tensor:
+    """l_i(θ): the backbone's native denoising loss ‖pred − target‖² of each sample, weighted."""
     noised = backbone.add_noise(x0, noise, timesteps)
-    per_sample = _per_sample_mse(backbone.predict(model, noised.x_t, timesteps, cond), noised.target)
-    if noised.weight is not None:
-        per_sample = per_sample * noised.weight.to(per_sample.device)
-    return per_sample.mean()
+    return _weighted(_per_sample_mse(backbone.predict(model, noised.x_t, timesteps, cond), noised.target), noised)
+
+
+def denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning):
+    """l(θ; batch) = mean_i l_i(θ)."""
+    return denoising_losses(backbone, model, x0, noise, timesteps, cond).mean()
+
+
+def distillation_loss(backbone: Backbone, model, noised, timesteps, cond: Conditioning,
+                      base_prediction: torch.Tensor, with_denoising: bool = False):
+    """‖pred_θ(x_t, c) − pred_θ₀(x_t, c')‖² [+ ‖pred_θ(x_t, c) − target‖²]: the frozen base's
+    prediction at the same x_t is the target (new options; ``noised`` is backbone.add_noise's output,
+    shared with the base's forward).
+
+    - retain_loss: distill / both, c' = c on D_r: the minimum is the base function itself, rather than
+      wherever 120 noisy targets put it;
+    - forget_loss: twin, c' = the forget prompt's twin on D_f's x_t: the concept prompt is taught to
+      denoise as the base does for the prompt without the concept (Kumari et al. 2023's model-based
+      ablation target, with RGD's twins as the anchors): a bounded objective, no ascent to run away."""
+    prediction = backbone.predict(model, noised.x_t, timesteps, cond)
+    per_sample = _per_sample_mse(prediction, base_prediction)
+    if with_denoising:
+        per_sample = per_sample + _per_sample_mse(prediction, noised.target)
+    return _weighted(per_sample, noised).mean()
 
 
 def guided_denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning,
@@ -31,10 +56,7 @@ def guided_denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond:
     conditional = backbone.predict(model, noised.x_t, timesteps, cond)
     unconditional = backbone.predict(model, noised.x_t, timesteps, uncond)
     guided = conditional + guidance * (conditional - unconditional)
-    per_sample = _per_sample_mse(guided, noised.target)
-    if noised.weight is not None:
-        per_sample = per_sample * noised.weight.to(per_sample.device)
-    return per_sample.mean()
+    return _weighted(_per_sample_mse(guided, noised.target), noised).mean()
 
 
 def forget_ascent(loss: torch.Tensor, cap: float | None, weight: float = 1.0) -> torch.Tensor:
@@ -42,6 +64,15 @@ def forget_ascent(loss: torch.Tensor, cap: float | None, weight: float = 1.0) ->
     (RGD, §3; the cap keeps ascent from diverging: past it the gradient is zero)."""
     capped = loss if cap is None else torch.clamp(loss, max=cap)
     return -weight * capped
+
+
+def per_sample_ascent(losses: torch.Tensor, cap, weight: float = 1.0) -> torch.Tensor:
+    """−λ_f · mean_i min(l_i, cap_i): the cap applied to each sample (new options
+    forget_loss_cap_per_sample, and forget_loss_cap_relative with cap_i = k·l_i(θ₀)), so a sample
+    that is already forgotten stops pushing while the rest of the batch still ascends."""
+    if cap is None:
+        return -weight * losses.mean()
+    return -weight * torch.minimum(losses, torch.as_tensor(cap, device=losses.device, dtype=losses.dtype)).mean()
 
 
 def esd_loss(backbone: Backbone, model, frozen, x_t, timesteps, cond: Conditioning,
