@@ -9,11 +9,8 @@ from pathlib import Path
 from erasure.data.paired import DataError
 from erasure.world.data import CONCEPTS as WORLD_CONCEPTS
 
-# The main job's embedded default: recipes/world/striped/rgd.yaml (RGD erasing "striped" from the
-# shipped micro world), spelled out so that `erasure demo` needs no recipe file.
-DEMO = {"model": "world:micro", "method": "rgd", "concept": "striped", "forget_data": "world:striped/forget",
-        "retain_data": "world:striped/retain", "seed": 0, "max_steps": 75, "batch_size": 8,
-        "learning_rate": 1e-4, "forget_loss_cap": 1.1, "checkpointing_steps": 0, "report_to": "none"}
+# The main job: the recommended recipe (recipes/world/erase.yaml) on the world concept "striped".
+DEMO_CONCEPT = "striped"
 DEMO_PROMPTS = ["a red striped circle on a black background", "a blue striped square on a white background",
                 "a yellow dotted triangle on a navy background", "a green checkered cross on a gray background"]
 
@@ -26,14 +23,15 @@ def _tiny(args) -> None:
 
 
 def _demo(args) -> None:
-    """The main job on the embedded default: erase "striped" from the shipped micro world with RGD,
-    evaluate base against erased with the world's oracle, export, load the export back, sample."""
+    """The main job: erase "striped" from the shipped micro world with the recommended recipe,
+    recipes/world/erase.yaml (concept and data as flags, as for any world concept), evaluate base
+    against erased with the world's oracle, export, load the export back, sample."""
     import numpy as np
     from diffusers import DiffusionPipeline
     from PIL import Image
 
-    from erasure.bench import ROOT
-    from erasure.config import TrainConfig
+    from erasure.bench import RECOMMENDED, ROOT, concept_flags, recipe_path
+    from erasure.config import parse_config
     from erasure.eval.report import tables
     from erasure.eval.runner import evaluate
     from erasure.eval.suite import load_suite
@@ -43,9 +41,12 @@ def _demo(args) -> None:
     out = Path(args.out).resolve()
     base = world_path()
     print(f"base model: the micro world shipped at {base} (erasure world build reproduces it)")
-    config = TrainConfig(output_dir=str(out), **{**DEMO, **({"max_steps": args.steps} if args.steps else {})})
+    flags = {**concept_flags(DEMO_CONCEPT, RECOMMENDED), "output_dir": out, "report_to": "none",
+             **({"max_steps": args.steps} if args.steps else {})}
+    config = parse_config(["--recipe", str(recipe_path(DEMO_CONCEPT, RECOMMENDED))]
+                          + [item for key, value in flags.items() for item in (f"--{key}", str(value))])
     train(config)
-    suite = load_suite(ROOT / "eval" / "micro-striped.yaml", {"prompts": {"limit": args.limit}} if args.limit else {})
+    suite = load_suite(ROOT / "eval" / f"micro-{DEMO_CONCEPT}.yaml", {"prompts": {"limit": args.limit}} if args.limit else {})
     print(f"\nevaluating base and erased model on {args.limit or 'all 960'} world captions, 480 named and 480 by "
           "alias (oracle read-back)…")
     report = evaluate(suite, ["world:micro", str(out)], out / "eval")
@@ -250,9 +251,9 @@ def _main(argv: list[str] | None = None) -> None:
     micro.add_argument("--images", type=int, help="frontier: captions per check, of the 960 named and by alias (default 192)")
     micro.add_argument("--seeds", type=int, nargs="+", help="frontier: seeds (default 0 1 2)")
     micro.set_defaults(run=_bench_micro)
-    demo = commands.add_parser("demo", help="erase 'striped' from the shipped micro world with RGD, evaluate, export, reload (≈3 min on 2 cores)")
+    demo = commands.add_parser("demo", help="erase 'striped' from the shipped micro world with recipes/world/erase.yaml, evaluate, export, reload (≈4 min on 2 cores)")
     demo.add_argument("--out", default="erasure-demo", help="where the erased pipeline goes")
-    demo.add_argument("--steps", type=int, help=f"RGD steps (default {DEMO['max_steps']})")
+    demo.add_argument("--steps", type=int, help="training steps (default: the recipe's max_steps)")
     demo.add_argument("--limit", type=int, help="evaluate only the first N of the 960 captions (480 named, then 480 by alias)")
     demo.set_defaults(run=_demo)
 

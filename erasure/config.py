@@ -116,12 +116,13 @@ class TrainConfig:
     # Forget / retain losses (GradDiff, RG, RGD, SalUn, MSGM).
     retain_weight: float | None = field(default=None, metadata=_help(
         "λ in grad = δ_f + λ δ_r. Default: 1.5 (RGD), 0.1 for SalUn, 0.99 for MSGM, 1 for Finetune."))
-    forget_weight: float = field(default=1.0, metadata=_help("λ_f in g_f = ∇(-λ_f min(l_f, cap))."))
+    forget_weight: float = field(default=1.0, metadata=_help(
+        "λ_f in g_f = ∇(-λ_f min(l_f, cap)) (forget_loss: twin, ∇(λ_f l_twin))."))
     forget_loss_cap: float | None = field(default=1.1, metadata=_help(
         "Truncate the ascended forget loss at this value (RGD SD 1.4: ≈1.1); null: no cap."))
     forget_loss: str = field(default="ascent", metadata=_help(
         "The forget objective of graddiff/rg/rgd: ascent (the papers': −min(l_f, cap)) or twin "
-        "(‖ε_θ(x_t, c_f) − ε_θ₀(x_t, c_twin)‖² on D_f's x_t, c_twin the forget prompt's twin in D_r: the "
+        "(λ_f‖ε_θ(x_t, c_f) − ε_θ₀(x_t, c_twin)‖² on D_f's x_t, c_twin the forget prompt's twin in D_r: the "
         "concept prompt learns to denoise as the base does without the concept, Kumari et al. 2023's "
         "ablation target on RGD's twins; bounded, so no cliff; new option).",
         choices=("ascent", "twin")))

@@ -179,7 +179,7 @@ class Erasure:
             # forget row i's twin is retain row i (checked when the sets load)
             twin = self.prompts.cond(self.retain.prompt_ids[micro["rows"]], self.device)
             loss = self.distill(x0, noise, t, cond, twin)
-            return loss, loss
+            return c.forget_weight * loss, loss
         if kind == "ascent":
             if not (c.forget_loss_cap_per_sample or c.forget_loss_cap_relative):
                 loss = denoising_loss(self.backbone, self.model, x0, noise, t, cond)

@@ -44,7 +44,8 @@ def test_demo_erases_striped_from_the_world_and_reloads(tmp_path, capsys):
     assert "where everything went" in printed and str(tmp_path / "demo") in printed
     assert "Micro world (erased: texture 'striped'" in printed
     assert (tmp_path / "demo" / "samples.png").stat().st_size > 0
-    assert json.loads((tmp_path / "demo" / "erasure.json").read_text())["method"] == "rgd"
+    card = json.loads((tmp_path / "demo" / "erasure.json").read_text())
+    assert card["method"] == "rgd" and card["concept"] == "striped"
     report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
     base, erased = (m["metrics"]["micro_world"] for m in report["models"])
     assert base["forget_images"] == 24
@@ -53,13 +54,19 @@ def test_demo_erases_striped_from_the_world_and_reloads(tmp_path, capsys):
     assert erased["UA"] >= base["UA"] + 0.3, (base, erased)
 
 
-def test_demo_default_is_the_world_rgd_recipe():
-    """The embedded default and recipes/world/striped/rgd.yaml must not drift apart."""
-    from erasure.cli import DEMO
+def test_the_recommended_recipe_names_no_concept():
+    """recipes/world/erase.yaml erases any world concept: concept and data come from flags, and none of
+    its values names a world attribute; without them it fails in one line."""
     from erasure.config import read_recipe
+    from erasure.world.model import world_words
 
-    recipe = read_recipe(RECIPES / "world" / "striped" / "rgd.yaml")
-    assert {k: recipe[k] for k in DEMO} == DEMO
+    recipe = read_recipe(RECIPES / "world" / "erase.yaml")
+    assert not {"concept", "forget_data", "retain_data"} & recipe.keys()
+    words = set(world_words()) - {"a", "an", "on", "background"}
+    assert not [v for v in recipe.values() if set(str(v).lower().split()) & words]
+    done = subprocess.run([sys.executable, "-m", "erasure.cli", "train", "--recipe",
+                           str(RECIPES / "world" / "erase.yaml")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "_data: required by method rgd" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_train_help_lists_every_recipe_key():

@@ -38,9 +38,10 @@ def distillation_loss(backbone: Backbone, model, noised, timesteps, cond: Condit
 
     - retain_loss: distill / both, c' = c on D_r: the minimum is the base function itself, rather than
       wherever 120 noisy targets put it;
-    - forget_loss: twin, c' = the forget prompt's twin on D_f's x_t: the concept prompt is taught to
-      denoise as the base does for the prompt without the concept (Kumari et al. 2023's model-based
-      ablation target, with RGD's twins as the anchors): a bounded objective, no ascent to run away."""
+    - forget_loss: twin, c = the forget prompt, c' its twin, on the forget image's x_t: the concept
+      prompt is taught to denoise as the base does for the prompt without the concept (Kumari et al.
+      2023's model-based ablation target, with RGD's twins as the anchors): a bounded objective, no
+      ascent to run away."""
     prediction = backbone.predict(model, noised.x_t, timesteps, cond)
     per_sample = _per_sample_mse(prediction, base_prediction)
     if with_denoising:
