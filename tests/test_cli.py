@@ -106,12 +106,14 @@ def test_bench_micro_runs_every_named_method_on_a_reduced_budget(tmp_path, capsy
 
     out = tmp_path / "bench"
     # striped, like the demo test: the session's cache then draws the world's pair set once
-    main(["bench", "micro", "--concept", "striped", "--methods", "finetune", "rgd", "--steps", "2",
+    # erase: the recommended recipe, which names no concept; the bench passes concept and data as flags
+    main(["bench", "micro", "--concept", "striped", "--methods", "finetune", "erase", "--steps", "2",
           "--limit", "20", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "| method | UA" in printed and "| rgd |" in printed and "| base |" in printed
+    assert "| method | UA" in printed and "| erase |" in printed and "| base |" in printed
     result = json.loads((out / "bench.json").read_text())
-    assert [r["method"] for r in result["rows"]] == ["base", "finetune", "rgd"]
+    assert [r["method"] for r in result["rows"]] == ["base", "finetune", "erase"]
+    assert json.loads((out / "models" / "erase" / "erasure.json").read_text())["concept"] == "striped"
     for row in result["rows"][1:]:
         assert row["wall_s"] > 0 and row["peak_rss_mib"] > 100 and row["attribute"] == "texture"
     assert (out / "bench.png").stat().st_size > 0 and (out / "bench.md").read_text().startswith("| method")
@@ -128,7 +130,7 @@ def test_bench_micro_names_what_is_missing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--monitor_every", "2"], "monitor_prompts: required when forget_data is not a world:… set"),
+    (["--monitor_every", "2"], "monitor_prompts: required here: forget_data is neither a world:… set"),
     (["--stop_at_erasure", "0.9"], "stop_at_erasure: needs monitor_every"),
     (["--method", "uce", "--scope", "lora"], "scope: uce edits the text projections in closed form"),
     (["--twin_batches", "zipped"], "twin_batches: 'zipped' is not one of independent, twins, twins_shared_noise"),
