@@ -277,6 +277,9 @@ class TrainConfig:
         if self.forget_loss != "ascent" and not ascends:
             raise RecipeError(f"forget_loss: {self.forget_loss} replaces gradient ascent (graddiff, graddiffd, rg, "
                               f"rgd); {self.method} does not ascend")
+        if self.forget_loss == "twin" and (self.forget_loss_cap_relative is not None or self.forget_loss_cap_per_sample):
+            raise RecipeError("forget_loss_cap_relative: caps the ascent; forget_loss: twin has no ascent to cap "
+                              "(leave the cap options unset)")
         if self.retain_loss != "denoising" and not self.uses_retain:
             raise RecipeError(f"retain_loss: {self.retain_loss}; {self.method} has no retain objective")
         if self.base_pull < 0 or not 0 <= self.sgd_momentum < 1:

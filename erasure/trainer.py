@@ -32,9 +32,9 @@ from erasure.config import TrainConfig
 from erasure.data.paired import DataError, PromptImageSet, decode_image, load_prompt_image_set
 from erasure.methods import METHOD_TABLE
 from erasure.methods.esd import sample_partial_trajectory
-from erasure.methods.objectives import (denoising_loss, denoising_losses, esd_loss, forget_ascent,
-                                        guided_denoising_loss, msgm_loss, per_sample_ascent,
-                                        distillation_loss, salun_relabel_loss)
+from erasure.methods.objectives import (denoising_loss, denoising_losses, distillation_loss, esd_loss,
+                                        forget_ascent, guided_denoising_loss, msgm_loss, per_sample_ascent,
+                                        salun_relabel_loss)
 from erasure.methods.restricted_gradient import cosine, global_inner_products, update_coefficients
 from erasure.methods.saliency import saliency_mask
 
