@@ -270,7 +270,9 @@ class TrainConfig:
         if self.forget_loss_cap_relative is not None and self.forget_loss_cap_relative <= 1:
             raise RecipeError(f"forget_loss_cap_relative: a factor > 1 over the base model's loss (e.g. 2), got "
                               f"{self.forget_loss_cap_relative}")
-        ascends = self.method in ("graddiff", "graddiffd", "rg", "rgd")
+        from erasure.methods import METHOD_TABLE  # a table, no torch: cheap at parse time
+
+        ascends = METHOD_TABLE[self.method].forget == "ascent"
         if (self.forget_loss_cap_relative is not None or self.forget_loss_cap_per_sample) and not ascends:
             raise RecipeError(f"forget_loss_cap_relative / forget_loss_cap_per_sample cap gradient ascent "
                               f"(graddiff, graddiffd, rg, rgd); {self.method} does not ascend")
