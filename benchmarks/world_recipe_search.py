@@ -4,6 +4,8 @@
     python benchmarks/world_recipe_search.py prep DIR --round ROUND [--device cuda] [--crisp-oracle]
     python benchmarks/world_recipe_search.py run DIR NAME [--device cuda]        # NAME: a config of a round
     python benchmarks/world_recipe_search.py confusion WORLD_DIR                   # texture confusions of a built world
+    python benchmarks/world_recipe_search.py confusion PIPE --all --seeds 0 5000 [--guidance 1]
+                                              # every named caption, per seed (an erased pipeline too)
     python benchmarks/world_recipe_search.py speed                                 # CPU step time, 2 threads
 
 `prep` trains, for every texture geometry the round uses, the oracle and the VAE once into
@@ -142,8 +144,11 @@ def run(shared: Path, name: str, device: str) -> None:
                           "train": {k: round(v, 3) for k, v in seen.items()}}), flush=True)
 
 
-def confusion(folder: Path) -> None:
-    """Prompted → read texture counts on 160 training captions of a built world (its own oracle and sampler)."""
+def confusion(folder: Path, every: bool = False, seeds: tuple[int, ...] = (1000,),
+              guidance: float | None = None) -> None:
+    """Prompted → read texture counts of a world pipeline (a built world, or an erasure's export: its own
+    oracle, else the shipped world's): on 160 training captions, or with ``every`` on all 480 named
+    captions; one table per sampler seed, at the world's guidance unless ``guidance`` is given."""
     from collections import Counter
 
     import numpy as np
@@ -154,14 +159,20 @@ def confusion(folder: Path) -> None:
     torch.set_num_threads(2)
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    train, _ = world.split_combinations(0, 48)
-    combos = [train[i] for i in np.random.default_rng(0).choice(len(train), 160, replace=False)]
-    steps, guidance = world.world_sampler(folder)
-    images = world.sample(pipe, [caption(c) for c in combos], 1000, steps, guidance)
-    read = world.world_oracle(folder).predict(images)
-    counts = Counter((c["texture"], r["texture"]) for c, r in zip(combos, read))
-    for (asked, seen), n in sorted(counts.items()):
-        print(f"{asked:>10} → {seen:<10} {n}")
+    if every:
+        combos = world.all_combinations()
+    else:
+        train, _ = world.split_combinations(0, 48)
+        combos = [train[i] for i in np.random.default_rng(0).choice(len(train), 160, replace=False)]
+    steps, world_guidance = world.world_sampler(folder if (folder / world.WORLD_FILE).is_file() else None)
+    for seed in seeds:
+        images = world.sample(pipe, [caption(c) for c in combos], seed, steps,
+                              world_guidance if guidance is None else guidance)
+        read = world.world_oracle(folder).predict(images)
+        counts = Counter((c["texture"], r["texture"]) for c, r in zip(combos, read))
+        print(f"sampler seed {seed}")
+        for (asked, seen), n in sorted(counts.items()):
+            print(f"{asked:>10} → {seen:<10} {n}")
 
 
 def speed() -> None:
@@ -200,6 +211,9 @@ if __name__ == "__main__":
     r.add_argument("--device", default="cpu")
     c = sub.add_parser("confusion")
     c.add_argument("world", type=Path)
+    c.add_argument("--all", action="store_true", help="all 480 named captions, not 160 training ones")
+    c.add_argument("--seeds", type=int, nargs="+", default=[1000])
+    c.add_argument("--guidance", type=float)
     sub.add_parser("speed")
     args = parser.parse_args()
     if args.command == "prep":
@@ -207,6 +221,6 @@ if __name__ == "__main__":
     elif args.command == "run":
         run(args.dir, args.name, args.device)
     elif args.command == "confusion":
-        confusion(args.world)
+        confusion(args.world, args.all, tuple(args.seeds), args.guidance)
     else:
         speed()

@@ -126,6 +126,9 @@ class TrainConfig:
         "concept prompt learns to denoise as the base does without the concept, Kumari et al. 2023's "
         "ablation target on RGD's twins; bounded, so no cliff; new option).",
         choices=("ascent", "twin")))
+    twin_negative_guidance: float = field(default=0.0, metadata=_help(
+        "η of forget_loss: twin: the target is pred_θ₀(x_t, c_twin) − η (pred_θ₀(x_t, c_f) − pred_θ₀(x_t, c_twin)), "
+        "ESD's negative guidance with the twin in place of the empty prompt; 0: the twin itself (new option)."))
     forget_loss_cap_per_sample: bool = field(default=False, metadata=_help(
         "Truncate each sample's forget loss at the cap, not the batch mean: mean_i min(l_i, cap), so a "
         "sample already forgotten stops pushing while the others still ascend (new option)."))
@@ -282,6 +285,12 @@ class TrainConfig:
         if self.forget_loss == "twin" and (self.forget_loss_cap_relative is not None or self.forget_loss_cap_per_sample):
             raise RecipeError("forget_loss_cap_relative: caps the ascent; forget_loss: twin has no ascent to cap "
                               "(leave the cap options unset)")
+        if self.forget_loss != "twin" and self.twin_negative_guidance:
+            raise RecipeError("twin_negative_guidance: shapes forget_loss: twin's target; set "
+                              f"forget_loss: twin (got forget_loss: {self.forget_loss})")
+        if self.twin_negative_guidance < 0:
+            raise RecipeError(f"twin_negative_guidance: must be ≥ 0 (0: the twin itself), got "
+                              f"{self.twin_negative_guidance}")
         if self.retain_loss != "denoising" and not self.uses_retain:
             raise RecipeError(f"retain_loss: {self.retain_loss}; {self.method} has no retain objective")
         if self.base_pull < 0 or not 0 <= self.sgd_momentum < 1:

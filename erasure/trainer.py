@@ -34,7 +34,7 @@ from erasure.methods import METHOD_TABLE
 from erasure.methods.esd import sample_partial_trajectory
 from erasure.methods.objectives import (denoising_loss, denoising_losses, distillation_loss, esd_loss,
                                         forget_ascent, guided_denoising_loss, msgm_loss, per_sample_ascent,
-                                        salun_relabel_loss)
+                                        salun_relabel_loss, twin_target)
 from erasure.methods.restricted_gradient import cosine, global_inner_products, update_coefficients
 from erasure.methods.saliency import saliency_mask
 
@@ -178,7 +178,7 @@ class Erasure:
         if kind == "ascent" and c.forget_loss == "twin":
             # forget row i's twin is retain row i (checked when the sets load)
             twin = self.prompts.cond(self.retain.prompt_ids[micro["rows"]], self.device)
-            loss = self.distill(x0, noise, t, cond, twin)
+            loss = self.distill(x0, noise, t, cond, twin, away_from=c.twin_negative_guidance)
             return c.forget_weight * loss, loss
         if kind == "ascent":
             if not (c.forget_loss_cap_per_sample or c.forget_loss_cap_relative):
@@ -216,11 +216,15 @@ class Erasure:
         loss = self.distill(x0, noise, t, cond, cond, with_denoising=self.config.retain_loss == "both")
         return loss, loss
 
-    def distill(self, x0, noise, t, cond, base_cond, with_denoising: bool = False):
-        """The model under ``cond`` toward the base model under ``base_cond`` at the same x_t."""
+    def distill(self, x0, noise, t, cond, base_cond, with_denoising: bool = False, away_from: float = 0.0):
+        """The model under ``cond`` toward the base model under ``base_cond`` at the same x_t (and
+        ``away_from`` > 0: past it, away from the base under ``cond``; objectives.twin_target)."""
         noised = self.backbone.add_noise(x0, noise, t)
         with torch.no_grad(), self.base_model() as base:
             base_prediction = self.backbone.predict(base, noised.x_t, t, base_cond)
+            if away_from:
+                base_prediction = twin_target(base_prediction, self.backbone.predict(base, noised.x_t, t, cond),
+                                              away_from)
         return distillation_loss(self.backbone, self.model, noised, t, cond, base_prediction, with_denoising)
 
     def forget_active(self, step: int) -> bool:

@@ -148,6 +148,19 @@ def test_the_base_model_is_read_as_it_was_before_the_first_step(scope, tiny_sd1,
     assert losses[1]["retain"] > 0 and losses[1]["forget"] > 0
 
 
+def test_twin_negative_guidance_scales_the_first_loss_by_one_plus_eta_squared(tiny_sd1, tmp_path):
+    """At step 0 the model is θ₀, so the twin target pred₀(c_twin) − η (pred₀(c_f) − pred₀(c_twin)) is
+    (1 + η) times as far from pred_θ(c_f) as the twin itself: the first forget loss grows by (1 + η)²."""
+    first = {}
+    for eta in (0.0, 1.0, 2.0):
+        out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / str(eta), max_steps=1,
+                         checkpointing_steps=0, forget_loss="twin", twin_negative_guidance=eta)
+        first[eta] = json.loads((out / "erasure.json").read_text())["final_losses"]["forget"]
+    assert first[0.0] > 0
+    assert first[1.0] == pytest.approx(4 * first[0.0], rel=1e-4)
+    assert first[2.0] == pytest.approx(9 * first[0.0], rel=1e-4)
+
+
 def test_relative_cap_and_base_pull_train_and_are_recorded(tiny_sd1, tmp_path):
     out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "out", max_steps=2, checkpointing_steps=0,
                      forget_loss_cap_relative=2, base_pull=0.5, optimizer="sgd", learning_rate=0.05)

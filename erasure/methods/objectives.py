@@ -49,6 +49,14 @@ def distillation_loss(backbone: Backbone, model, noised, timesteps, cond: Condit
     return _weighted(per_sample, noised).mean()
 
 
+def twin_target(twin_prediction: torch.Tensor, concept_prediction: torch.Tensor, guidance: float):
+    """forget_loss: twin's target with twin_negative_guidance η (new option): ESD's negative guidance
+    (Gandikota et al. 2023, eq. 3-4) with the twin where ESD has the empty prompt,
+    pred_θ₀(x_t, c_twin) − η (pred_θ₀(x_t, c_f) − pred_θ₀(x_t, c_twin)): the concept prompt is sent past
+    its twin, away from the concept; η = 0 is the twin itself."""
+    return twin_prediction - guidance * (concept_prediction - twin_prediction)
+
+
 def guided_denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning,
                           uncond: Conditioning, guidance: float):
     """‖pred(c) + w (pred(c) − pred(∅)) − target‖²: the loss of the classifier-free-guided prediction,
