@@ -164,11 +164,13 @@ def confusion(folder: Path, every: bool = False, seeds: tuple[int, ...] = (1000,
     else:
         train, _ = world.split_combinations(0, 48)
         combos = [train[i] for i in np.random.default_rng(0).choice(len(train), 160, replace=False)]
+    # an erasure's export carries no world.json: it samples as the shipped world does
     steps, world_guidance = world.world_sampler(folder if (folder / world.WORLD_FILE).is_file() else None)
+    oracle = world.world_oracle(folder)
     for seed in seeds:
         images = world.sample(pipe, [caption(c) for c in combos], seed, steps,
                               world_guidance if guidance is None else guidance)
-        read = world.world_oracle(folder).predict(images)
+        read = oracle.predict(images)
         counts = Counter((c["texture"], r["texture"]) for c, r in zip(combos, read))
         print(f"sampler seed {seed}")
         for (asked, seen), n in sorted(counts.items()):

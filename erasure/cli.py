@@ -31,7 +31,7 @@ def _demo(args) -> None:
     from PIL import Image
 
     from erasure.bench import RECOMMENDED, ROOT, concept_flags, recipe_path
-    from erasure.config import parse_config
+    from erasure.config import TrainConfig, read_recipe
     from erasure.eval.report import tables
     from erasure.eval.runner import evaluate
     from erasure.eval.suite import load_suite
@@ -41,10 +41,9 @@ def _demo(args) -> None:
     out = Path(args.out).resolve()
     base = world_path()
     print(f"base model: the micro world shipped at {base} (erasure world build reproduces it)")
-    flags = {**concept_flags(DEMO_CONCEPT, RECOMMENDED), "output_dir": out, "report_to": "none",
-             **({"max_steps": args.steps} if args.steps else {})}
-    config = parse_config(["--recipe", str(recipe_path(DEMO_CONCEPT, RECOMMENDED))]
-                          + [item for key, value in flags.items() for item in (f"--{key}", str(value))])
+    config = TrainConfig(**{**read_recipe(recipe_path(DEMO_CONCEPT, RECOMMENDED)),
+                            **concept_flags(DEMO_CONCEPT, RECOMMENDED), "output_dir": str(out), "report_to": "none",
+                            **({"max_steps": args.steps} if args.steps else {})})
     train(config)
     suite = load_suite(ROOT / "eval" / f"micro-{DEMO_CONCEPT}.yaml", {"prompts": {"limit": args.limit}} if args.limit else {})
     print(f"\nevaluating base and erased model on {args.limit or 'all 960'} world captions, 480 named and 480 by "

@@ -283,7 +283,8 @@ class TrainConfig:
             raise RecipeError(f"forget_loss: {self.forget_loss} replaces gradient ascent (graddiff, graddiffd, rg, "
                               f"rgd); {self.method} does not ascend")
         if self.forget_loss == "twin" and (self.forget_loss_cap_relative is not None or self.forget_loss_cap_per_sample):
-            raise RecipeError("forget_loss_cap_relative: caps the ascent; forget_loss: twin has no ascent to cap "
+            key = "forget_loss_cap_relative" if self.forget_loss_cap_relative is not None else "forget_loss_cap_per_sample"
+            raise RecipeError(f"{key}: caps the ascent; forget_loss: twin has no ascent to cap "
                               "(leave the cap options unset)")
         if self.forget_loss != "twin" and self.twin_negative_guidance:
             raise RecipeError("twin_negative_guidance: shapes forget_loss: twin's target; set "

@@ -136,6 +136,7 @@ def test_bench_micro_names_what_is_missing(tmp_path, capsys):
     (["--twin_batches", "zipped"], "twin_batches: 'zipped' is not one of independent, twins, twins_shared_noise"),
     (["--monitor_every", "2", "--monitor_prompts", "world:everything"], "monitor_prompts: 'world:everything'"),
     (["--forget_loss", "twin", "--forget_loss_cap_relative", "2"], "forget_loss_cap_relative: caps the ascent"),
+    (["--forget_loss", "twin", "--forget_loss_cap_per_sample", "true"], "forget_loss_cap_per_sample: caps the ascent"),
     (["--method", "esd-x", "--retain_loss", "distill"], "retain_loss: distill; esd-x has no retain objective"),
     (["--forget_loss_cap_relative", "0.5"], "forget_loss_cap_relative: a factor > 1"),
     (["--twin_negative_guidance", "1"], "twin_negative_guidance: shapes forget_loss: twin's target"),
