@@ -284,8 +284,10 @@ def _main(argv: list[str] | None = None) -> None:
     generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build`")
     generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3")
     generate.add_argument("--out", required=True)
-    generate.add_argument("--steps", type=int, default=50, help="sampler steps (SD default 50)")
-    generate.add_argument("--guidance", type=float, default=7.5, help="guidance scale (SD default 7.5)")
+    generate.add_argument("--steps", type=int,
+                          help="sampler steps (default: the model's own sampler: a micro world's 20, SD's 50)")
+    generate.add_argument("--guidance", type=float,
+                          help="guidance scale (default: the model's own: a micro world's 3, SD's 7.5)")
     generate.add_argument("--size", type=int, help="image size; default: the model's native size")
     generate.add_argument("--batch-size", type=int, default=4)
     generate.add_argument("--seed", type=int, default=0)

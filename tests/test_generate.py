@@ -44,6 +44,18 @@ def generated(tiny_sd1, tmp_path_factory):
     return generate_pairs(write_prompts(tmp / "prompts.jsonl", 3), tiny_sd1, tmp / "out", **FAST)
 
 
+def test_default_sampler_is_the_models_own(tiny_sd1, tmp_path):
+    """Without steps/guidance a micro world draws with its own recorded sampler (the one its quality
+    bar and suites use), anything else with Stable Diffusion's 50 steps at guidance 7.5."""
+    from erasure.world.model import default_sampler, world_sampler
+
+    assert default_sampler(tiny_sd1) == (50, 7.5)
+    out = generate_pairs(write_prompts(tmp_path / "p.jsonl", 1), "world:micro", tmp_path / "w", show_progress=False)
+    settings = json.loads((out / "generation.json").read_text())
+    assert (settings["steps"], settings["guidance"]) == world_sampler() == (20, 3.0)
+    assert rows(out / "forget")[0]["steps"] == 20
+
+
 def test_pairs_sd1(generated):
     forget, retain = rows(generated / "forget"), rows(generated / "retain")
     assert len(forget) == len(retain) == 3

@@ -136,19 +136,27 @@ def _check_settings(path: Path, settings: dict) -> None:
                          "use another out_dir, or the same settings to resume")
 
 
-def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *, steps: int = 50,
-                   guidance: float = 7.5, size: int | None = None, batch_size: int = 4, seed: int = 0,
+def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *, steps: int | None = None,
+                   guidance: float | None = None, size: int | None = None, batch_size: int = 4, seed: int = 0,
                    images_per_prompt: int = 1, limit: int | None = None, device: str | None = None,
                    dtype: str = "auto", show_progress: bool = True) -> Path:
     """Render `images_per_prompt` images per side for each pair of `prompts_file` into `out_dir`
     (forget/, retain/, generation.json); resumes a killed run. Returns `out_dir`.
 
     Image k of pair i (i counts the file's non-blank lines from 0) is `{i:06d}_{k}.png` on both
-    sides, rendered from seed `seed * 1_000_003 + i * images_per_prompt + k`."""
+    sides, rendered from seed `seed * 1_000_003 + i * images_per_prompt + k`. `steps` and `guidance`
+    default to the model's own sampler (a micro world's recorded one; SD's 50 steps at 7.5)."""
     import torch
     from tqdm.auto import tqdm
 
     from erasure.backbones import resolve_model
+    from erasure.world.model import default_sampler
+
+    model = str(model)
+    folder = resolve_model(model)
+    default_steps, default_guidance = default_sampler(folder)
+    steps = default_steps if steps is None else steps
+    guidance = default_guidance if guidance is None else guidance
 
     for name, value in (("steps", steps), ("batch_size", batch_size), ("images_per_prompt", images_per_prompt)):
         if value < 1:
@@ -158,8 +166,6 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
     prompts_file, out = Path(prompts_file), Path(out_dir)
     pairs = read_pairs(prompts_file)[:limit]  # the whole file is validated, even under a limit
 
-    model = str(model)
-    folder = resolve_model(model)
     if Path(model).expanduser().is_dir():  # a local folder is recorded absolute, so reruns match
         model = str(Path(model).expanduser().resolve())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -42,7 +42,7 @@ def world_pairs(name: str) -> Path:
     """The folder holding forget/ and retain/ for set ``name`` (built in the erasure cache if missing)."""
     from erasure.backbones import cache_dir, weights_sha256
     from erasure.tiny import build_atomically
-    from erasure.world.model import world_path, world_sampler
+    from erasure.world.model import world_path
 
     concept, uniform = name.removesuffix("-uniform"), name.endswith("-uniform")
     world = world_path()
@@ -53,8 +53,7 @@ def world_pairs(name: str) -> Path:
         from erasure.prompts.spec import load_spec
 
         build_prompt_sets(load_spec(spec_path(concept)), folder / "prompts", uniform=uniform)
-        steps, guidance = world_sampler(world)
-        generate_pairs(folder / "prompts" / "train.jsonl", str(world), folder, steps=steps, guidance=guidance,
+        generate_pairs(folder / "prompts" / "train.jsonl", str(world), folder,  # the world's own sampler
                        images_per_prompt=IMAGES_PER_PROMPT, batch_size=64, seed=0, show_progress=False)
 
     return build_atomically(cache_dir() / "world" / f"{name}-{weights_sha256(world)[:12]}", build)

@@ -119,6 +119,12 @@ def world_sampler(folder=None) -> tuple[int, float]:
     return sampler["num_inference_steps"], sampler["guidance_scale"]
 
 
+def default_sampler(folder) -> tuple[int, float]:
+    """(steps, guidance) a pipeline folder is drawn with when nobody says otherwise: a world's own
+    sampler (the one its quality bar and its suites use), else Stable Diffusion's (50 steps, 7.5)."""
+    return world_sampler(folder) if (Path(folder) / WORLD_FILE).is_file() else (50, 7.5)
+
+
 def world_oracle(folder) -> Oracle:
     """The oracle a world folder carries (``oracle/``), or the shipped world's."""
     folder = Path(folder)
