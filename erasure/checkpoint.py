@@ -16,7 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from erasure.errors import DataError, one_line
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -64,10 +67,16 @@ def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler):
     """Restores optimizer, schedule and scaler in place; returns (state, weights, extra tensors)."""
     folder = Path(folder)
     if not (folder / "state.json").is_file():
-        raise FileNotFoundError(f"resume: {folder} is not a checkpoint (no state.json)")
-    state = json.loads((folder / "state.json").read_text())
-    weights = load_file(folder / "trainable.safetensors")
-    stored = load_file(folder / "optimizer.safetensors")
+        raise DataError(f"resume: {folder} is not a checkpoint (no state.json)")
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(folder / "trainable.safetensors")
+        stored = load_file(folder / "optimizer.safetensors")
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise ValueError("state.json is not a checkpoint's state")
+    except (OSError, ValueError, SafetensorError) as e:  # truncated or edited by hand
+        raise DataError(f"resume: checkpoint {folder} is damaged ({one_line(e)}); delete it to resume from "
+                        "an earlier one, or start over without --resume") from None
     per_param: dict[int, dict] = {}
     extra = {}
     for key, value in stored.items():

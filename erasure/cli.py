@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from erasure.data.paired import DataError
+from erasure.errors import DataError, ErasureError, RecipeError, one_line
 from erasure.world.data import CONCEPTS as WORLD_CONCEPTS
 
 # The main job: the recommended recipe (recipes/world/erase.yaml) on the world concept "striped".
@@ -110,7 +110,7 @@ def _eval(args) -> None:
         overrides["prompts"]["i2p"] = args.dataset
     if args.prompt_set:
         overrides["prompts"]["prompt_set"] = args.prompt_set
-    if args.limit:
+    if args.limit is not None:
         overrides["prompts"]["limit"] = args.limit
     for key in ("steps", "images_per_prompt", "batch_size", "size"):
         if getattr(args, key) is not None:
@@ -142,7 +142,14 @@ def _report(args) -> None:
         path = Path(folder) / "report.json"
         if not path.is_file():
             raise DataError(f"{folder}: no report.json (run `erasure eval … --out {folder}` first)")
-        reports.append(json.loads(path.read_text()))
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            if not (isinstance(report, dict) and isinstance(report.get("models"), list)
+                    and isinstance(report.get("protocol"), dict)):
+                raise ValueError("no models")
+        except (UnicodeDecodeError, ValueError):
+            raise DataError(f"{path} is not a report `erasure eval` wrote; run it again") from None
+        reports.append(report)
     table = side_by_side(reports)
     print(table)
     if args.out:
@@ -150,23 +157,18 @@ def _report(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Bad input (a recipe, spec, data set or LLM answer that is wrong) ends with its message and
-    exit status 2, not a traceback; anything else is a bug and keeps its traceback."""
-    from erasure.config import RecipeError
-    from erasure.eval.suite import SuiteError
-    from erasure.prompts.llm import LLMError
-    from erasure.prompts.spec import SpecError
-
+    """Bad input (erasure.errors.ErasureError: a recipe, spec, suite, data set, model, output folder
+    or LLM answer that is wrong, or a run that diverged) ends with one line and exit status 2, not a
+    traceback; anything else is a bug and keeps its traceback."""
     try:
         _main(argv)
-    except (RecipeError, SpecError, SuiteError, DataError, LLMError) as e:
-        print(f"erasure: error: {e}", file=sys.stderr)
+    except ErasureError as e:
+        print(f"erasure: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 
 def _bench_micro(args) -> None:
     from erasure.bench import bench_micro, bench_table
-    from erasure.config import RecipeError
 
     out = Path(args.out or f"bench-micro-{args.concept}{'-frontier' if args.frontier else ''}")
     if args.frontier:
@@ -191,7 +193,6 @@ def _bench_micro(args) -> None:
 
 
 def _world_build(args) -> None:
-    from erasure.config import RecipeError
     from erasure.world.model import WorldRecipe, build_world
 
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from erasure.errors import RecipeError
 
 METHODS = (
     "finetune",
@@ -44,10 +47,8 @@ DEFAULT_RETAIN_WEIGHT = {"salun": 0.1, "msgm-orthogonal": 0.99, "msgm-obtuse": 0
 
 TINY_DATA = "tiny:"
 DETECTORS = ("auto", "oracle", "nudenet", "clip")  # erasure.monitor
+MAX_SEED = 2**32  # numpy's and set_seed's range; a seed also offsets per-step generators
 
-
-class RecipeError(ValueError):
-    """A recipe or flag is wrong; the message names the file, key or value and what is allowed."""
 
 
 def _help(text: str, **extra) -> dict:
@@ -231,6 +232,9 @@ class TrainConfig:
     keep_checkpoints: bool = field(default=False, metadata=_help(
         "Keep output_dir/checkpoints after a successful export (default: remove them, so the "
         "folder holds only what ships)."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Let the export replace a non-empty output_dir that is not an erasure export (its files are lost). "
+        "An earlier export is always replaced as a whole."))
     resume: str | None = field(default=None, metadata=_help(
         "Continue from 'latest' or a checkpoint folder."))
     report_to: str = field(default="all", metadata=_help(
@@ -328,6 +332,31 @@ class TrainConfig:
                               "forget_prompt/retain_prompt pairs, e.g. test.jsonl from `erasure prompts build`)")
         if not 0 < self.salun_mask_ratio <= 1:
             raise RecipeError(f"salun_mask_ratio: must be in (0, 1], got {self.salun_mask_ratio}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise RecipeError(f"seed: must be an integer in [0, 2**32), got {self.seed}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_epsilon <= 0:
+            raise RecipeError(f"adam_beta1 and adam_beta2 must be in [0, 1) and adam_epsilon > 0, got "
+                              f"{self.adam_beta1}, {self.adam_beta2} and {self.adam_epsilon}")
+        if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):
+            raise RecipeError(f"weight_decay must be ≥ 0 and max_grad_norm > 0 or null, got {self.weight_decay} "
+                              f"and {self.max_grad_norm}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise RecipeError(f"lora_alpha: must be > 0 or null (the rank), got {self.lora_alpha}")
+        if self.lr_warmup_steps < 0:
+            raise RecipeError(f"lr_warmup_steps: must be ≥ 0, got {self.lr_warmup_steps}")
+        _check_trackers(self.report_to)
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise RecipeError(f"resolution: a multiple of 8 (the VAE's factor), or null for the model's own; "
+                              f"got {self.resolution}")
+        for name in ("checkpoints_total_limit", "monitor_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise RecipeError(f"{name}: must be ≥ 1 or null, got {getattr(self, name)}")
+        if self.resume not in (None, "latest") and not (Path(self.resume).expanduser() / "state.json").is_file():
+            raise RecipeError(f"resume: {self.resume!r} is not a checkpoint folder (no state.json); give 'latest' "
+                              f"or a folder such as {self.output_dir}/checkpoints/checkpoint-50")
+        if not self.output_dir.strip():
+            raise RecipeError("output_dir: must name a folder (got an empty string; '.' would export over the "
+                              "current folder)")
         if self.checkpointing_steps < 0:
             raise RecipeError(f"checkpointing_steps: must be ≥ 0, got {self.checkpointing_steps}")
         if self.batch_size % self.gradient_accumulation_steps:
@@ -364,6 +393,22 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_trackers(report_to: str) -> None:
+    """accelerate's tracker names, checked before the run: accelerate itself only finds out when the
+    Accelerator is built, with a traceback."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = ["all", "none"] + [t.value for t in LoggerType if t.value != "all"]
+    installed = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    for name in (n.strip() for n in report_to.split(",")):
+        if name not in known:
+            raise RecipeError(f"report_to: {name!r} is not one of {', '.join(known)}" + _suggest(name, known))
+        if name not in ("all", "none") and name not in installed:
+            raise RecipeError(f"report_to: {name} is not installed here (pip install {name}); installed: "
+                              f"{', '.join(installed) or 'none'} — or report_to: none")
 
 
 def check_data_source(key: str, value: str) -> None:
@@ -429,11 +474,17 @@ def _coerce(name: str, value, where: str = ""):
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)  # YAML 1.1 reads 1e-5 as a string; float() takes it
+            number = float(value)  # YAML 1.1 reads 1e-5 as a string; float() takes it
+            if math.isfinite(number):
+                return number
+            # nan and inf would pass every `<` check of the recipe, silently
+            raise RecipeError(f"{where}{name}: must be a finite number, got {value!r}")
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
+    except RecipeError:
+        raise
     except (TypeError, ValueError):
         pass
     raise RecipeError(f"{where}{name}: {value!r} is not a valid {tp.__name__}"
@@ -468,6 +519,9 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
     merged = {}
     include = data.pop("include", None)
     if include is not None:
+        if not isinstance(include, str) or not include:
+            raise RecipeError(f"recipe {path}: include: {include!r}; expected the path of another recipe, "
+                              "relative to this file (e.g. include: ../tiny/rgd.yaml)")
         merged.update(read_recipe(path.parent / include, _seen + (path.resolve(),)))
     for key, value in data.items():
         if key not in FIELDS:

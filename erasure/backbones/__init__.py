@@ -12,6 +12,7 @@ import torch
 from erasure.backbones.base import Backbone, Conditioning, Noised
 from erasure.backbones.sd1 import StableDiffusionBackbone
 from erasure.backbones.sd3 import StableDiffusion3Backbone
+from erasure.errors import ModelError, one_line
 
 __all__ = ["Backbone", "Conditioning", "Noised", "load_backbone", "resolve_model", "wrap_pipeline"]
 
@@ -34,7 +35,7 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
 
         name = model.removeprefix("tiny:")
         if name not in TINY_BUILDERS:
-            raise ValueError(f"model: {model!r}; tiny fixtures are {', '.join('tiny:' + n for n in TINY_BUILDERS)}")
+            raise ModelError(f"model: {model!r}; tiny fixtures are {', '.join('tiny:' + n for n in TINY_BUILDERS)}")
         return build_atomically(cache_dir() / "tiny" / name, TINY_BUILDERS[name])
     if model.startswith("world:"):
         from erasure.world.model import world_path
@@ -43,16 +44,30 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ValueError(f"model: {model!r} has no model_index.json; expected a diffusers "
+            raise ModelError(f"model: {model!r} has no model_index.json; expected a diffusers "
                              "pipeline folder (save_pretrained output) or a hub id")
+        pipeline_class(path)
         return path
     from diffusers import DiffusionPipeline
 
     try:
         return Path(DiffusionPipeline.download(model, revision=revision, use_safetensors=True))
     except Exception as e:  # hub errors come in many types; the message is what the user needs
-        raise ValueError(f"model: {model!r} is neither a local pipeline folder nor a reachable hub "
+        raise ModelError(f"model: {model!r} is neither a local pipeline folder nor a reachable hub "
                          f"id ({type(e).__name__}: {e})") from None
+
+
+def pipeline_class(folder: Path) -> str:
+    """The pipeline class a folder's model_index.json names; a broken index is the user's to fix."""
+    index = folder / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ModelError(f"model: {index} is not a readable model index ({one_line(e)}); expected the JSON "
+                         "object save_pretrained writes") from None
+    if not isinstance(name, str):
+        raise ModelError(f"model: {index} names no pipeline class (_class_name)")
+    return name
 
 
 def weights_sha256(folder: Path) -> str:
@@ -77,9 +92,7 @@ def is_sd3(folder: Path) -> bool:
 
 def wrap_pipeline(pipe, config=None) -> Backbone:
     name = type(pipe).__name__
-    if name not in FAMILIES:
-        raise ValueError(f"pipeline class {name} is not supported; erasure supports "
-                         f"{', '.join(FAMILIES)}")
+    check_family(name)
     family = FAMILIES[name]
     if family is StableDiffusion3Backbone and config is not None:
         return family(pipe, use_t5=config.use_t5, weighting_scheme=config.weighting_scheme,
@@ -88,17 +101,27 @@ def wrap_pipeline(pipe, config=None) -> Backbone:
     return family(pipe, use_t5=getattr(config, "use_t5", True))
 
 
+def check_family(name: str, where: str = "") -> None:
+    if name not in FAMILIES:
+        raise ModelError(f"model: {where}pipeline class {name} is not supported; erasure supports "
+                         f"{', '.join(FAMILIES)}")
+
+
 def load_backbone(folder: Path, config=None) -> Backbone:
     """Load the pipeline in float32 from safetensors only, never with remote code."""
     from diffusers import DiffusionPipeline
 
+    check_family(pipeline_class(folder), f"{folder}: ")  # before any weights load
     extra = {}
     if is_sd3(folder) and (not has_t5(folder) or (config is not None and not config.use_t5)):
         # Training without T5 saves its memory (≈ 19 GB in fp32 for SD3); export copies it back.
         # A base saved without T5 needs the same arguments to load at all (diffusers does not list
         # text_encoder_3 among SD3's optional components).
         extra = {"text_encoder_3": None, "tokenizer_3": None}
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
-                                             **extra)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                 **extra)
+    except (OSError, ValueError, KeyError) as e:  # a missing or broken component, a config that will not parse
+        raise ModelError(f"model: {folder} cannot be loaded as a diffusers pipeline ({one_line(e)[:300]})") from None
     pipe.set_progress_bar_config(disable=True)
     return wrap_pipeline(pipe, config)

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from erasure.errors import DataError, one_line
 
-class DataError(ValueError):
-    """Bad data: the message names the set, the file or row, and what was expected."""
 
 
 @dataclass
@@ -49,20 +48,43 @@ def _digest(prompts, images) -> str:
     return h.hexdigest()
 
 
+def read_jsonl(path: Path, name: str) -> list[dict]:
+    """Rows of a JSON-lines file, each a JSON object; blank lines are skipped. `name` leads every error."""
+    return [row for _, row in numbered_jsonl(path, name)]
+
+
+def numbered_jsonl(path: Path, name: str) -> list[tuple[int, dict]]:
+    """(line number, row) for each row of a JSON-lines file, as read_jsonl reads them."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read {path} ({e.strerror or e})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}: {path} line {number} is not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{name}: {path} line {number} is a JSON {type(row).__name__}, expected an "
+                                'object such as {"file_name": "0.png", "prompt": "…"}')
+            rows.append((number, row))
+    return rows
+
+
 def _read_metadata(folder: Path, name: str) -> list[dict]:
     jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
     if jsonl.is_file():
-        rows = []
-        for number, line in enumerate(jsonl.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{name}: {jsonl} line {number} is not JSON ({e})") from None
-        return rows
+        return read_jsonl(jsonl, name)
     if table.is_file():
-        with table.open(newline="") as f:
-            return list(csv.DictReader(f))
+        try:
+            with table.open(newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{name}: {table} is not a UTF-8 CSV table ({one_line(e)})") from None
     parquet = sorted(folder.glob("*.parquet"))
     if parquet:
         return _read_parquet(parquet, name)
@@ -169,6 +191,6 @@ def decode_image(ref: str | bytes, resolution: int, name: str, index: int) -> to
             left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
             image = image.crop((left, top, left + resolution, top + resolution))
             array = np.asarray(image, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{name}: image {label} cannot be decoded ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{name}: image {label} cannot be decoded ({one_line(e)})") from None
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0

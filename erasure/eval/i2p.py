@@ -12,7 +12,7 @@ import csv
 import math
 from pathlib import Path
 
-from erasure.data.paired import DataError
+from erasure.errors import DataError, one_line
 
 RENAMED = {"evaluation_seed": "sd_seed", "evaluation_guidance": "sd_guidance_scale"}
 FILTERS = {"nudity": lambda row: _number(row.get("nudity_percentage")) > 0, "all": lambda row: True}
@@ -26,15 +26,43 @@ def _number(value) -> float:
     return 0.0 if math.isnan(number) else number
 
 
+def _setting(row: dict, column: str, index: int, source: str):
+    """A row's seed (an integer in [0, 2**63)) or guidance (a finite number ≥ 0); None when the cell is
+    empty. Anything else is an error naming the row: a NaN seed silently becoming seed 0, or an
+    infinite guidance rendering black images, would change what the benchmark measures."""
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if column == "sd_seed":
+        if math.isfinite(number) and number.is_integer() and 0 <= number < 2**63:
+            return int(value) if isinstance(value, int) else int(number)
+        raise DataError(f"i2p: {source} row {index}: {column} {value!r} is not a seed (an integer in [0, 2**63)); "
+                        "fix the row or set the suite's prompts.seed to a number")
+    if math.isfinite(number) and number >= 0:
+        return number or None
+    raise DataError(f"i2p: {source} row {index}: {column} {value!r} is not a guidance scale (a finite number ≥ 0); "
+                    "fix the row or set the suite's prompts.guidance to a number")
+
+
 def _rows(source: str) -> list[dict]:
     path = Path(source).expanduser()
     if path.suffix == ".csv" and path.is_file():
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"i2p: {source} is not a UTF-8 CSV table ({one_line(e)})") from None
     if path.suffix == ".parquet" and path.is_file():
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises its own error types
+            raise DataError(f"i2p: {source} cannot be read as parquet ({one_line(e)})") from None
     if path.exists():
         raise DataError(f"i2p: {source} is neither a .csv nor a .parquet file")
     import datasets
@@ -65,6 +93,6 @@ def load_i2p(source: str, subset: str = "nudity") -> tuple[list[dict], dict]:
             empty += 1
             continue
         kept.append({"prompt": prompt, "row": index, "categories": row.get("categories"),
-                     "seed": int(_number(row.get("sd_seed"))) if row.get("sd_seed") not in (None, "") else None,
-                     "guidance": _number(row.get("sd_guidance_scale")) or None})
+                     "seed": _setting(row, "sd_seed", index, source), "guidance": _setting(row, "sd_guidance_scale",
+                                                                                         index, source)})
     return kept, {"rows": len(rows), "subset": subset, "kept": len(kept), "empty_prompts_skipped": empty}

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from erasure.config import read_yaml_mapping
+from erasure.errors import SuiteError
 
 # Each metric: what it reads, whether higher is better, how it aggregates (next to its definition
 # in erasure.eval.runner).
@@ -30,9 +32,6 @@ GENERATION = {"steps": 50, "images_per_prompt": 1, "size": None, "batch_size": 4
 TOP_KEYS = {"name", "description", "include", "prompts", "generation", "metrics"}
 
 
-class SuiteError(ValueError):
-    """A suite is wrong; the message names the file, the key and what is allowed."""
-
 
 def _merge(base: dict, over: dict) -> dict:
     merged = dict(base)
@@ -48,8 +47,38 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     if unknown:
         raise SuiteError(f"suite {path}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(TOP_KEYS))}")
     include = raw.pop("include", None)
+    if include is not None and (not isinstance(include, str) or not include):
+        raise SuiteError(f"suite {path}: include: {include!r}; expected the path of another suite, relative to "
+                         "this file")
     base = _read(path.parent / include, seen + (path.resolve(),)) if include else {}
     return _merge(base, raw)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_generation(generation: dict, prompts: dict, where: str) -> None:
+    """Numbers that would otherwise fail minutes in, or silently (a NaN guidance renders black images)."""
+    from erasure.config import MAX_SEED
+    from erasure.data.generate import DTYPES
+
+    for key in ("steps", "images_per_prompt", "batch_size"):
+        if not _count(generation[key]):
+            raise SuiteError(f"{where}: generation.{key}: {generation[key]!r}; expected an integer ≥ 1")
+    size = generation["size"]
+    if size is not None and not (_count(size) and size % 8 == 0):
+        raise SuiteError(f"{where}: generation.size: {size!r}; expected a multiple of 8, or null for the model's own")
+    if generation["dtype"] not in DTYPES:
+        raise SuiteError(f"{where}: generation.dtype: {generation['dtype']!r}; one of {', '.join(DTYPES)}")
+    seed, guidance, limit = prompts.get("seed", 0), prompts.get("guidance", 7.5), prompts.get("limit")
+    if seed != "dataset" and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < MAX_SEED):
+        raise SuiteError(f"{where}: prompts.seed: {seed!r}; expected an integer in [0, 2**32) or 'dataset' (I2P's own)")
+    if guidance != "dataset" and not (isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
+                                      and math.isfinite(guidance) and guidance >= 0):
+        raise SuiteError(f"{where}: prompts.guidance: {guidance!r}; expected a finite number ≥ 0 or 'dataset'")
+    if limit is not None and not _count(limit):
+        raise SuiteError(f"{where}: prompts.limit: {limit!r}; expected an integer ≥ 1")
 
 
 def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
@@ -70,6 +99,7 @@ def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
     unknown = set(generation) - set(GENERATION)
     if unknown:
         raise SuiteError(f"{where}: generation: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(GENERATION)}")
+    _check_generation(generation, prompts, where)
     metrics = suite.get("metrics") or {}
     if not metrics:
         raise SuiteError(f"{where}: metrics: name at least one of {', '.join(METRICS)}")

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import yaml
 
+from erasure.errors import SpecError
+
 TWIN_MODES = ("remove", "replace")
 KEYS = {"concept", "description", "phrasings", "twin", "replacements", "templates", "dimensions",
         "uniform", "test_fraction", "sizes"}
 
-
-class SpecError(ValueError):
-    """A concept spec is wrong; the message names the file, the key or entry, and what is right."""
 
 
 def mentions(text: str, terms: list[str]) -> str | None:
@@ -74,8 +73,12 @@ class ConceptSpec:
                 "uniform": self.uniform, "sizes": self.sizes}
 
 
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+def template_fields(template: str, where: str = "") -> list[str]:
+    """The {slots} of a template; a stray brace is the spec's error (write {{ or }} for a brace)."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise SpecError(f"{where}template {template!r}: {e}; slots are {{name}}, a literal brace is {{{{ or }}}}") from None
 
 
 def _strings(value, where: str) -> list[str]:
@@ -115,7 +118,9 @@ def load_spec(path: str | Path, seed: int = 0) -> ConceptSpec:
     if not path.is_file():
         raise SpecError(f"concept spec {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     return spec_from_dict(raw, source=str(path), seed=seed)
@@ -133,7 +138,17 @@ def spec_from_dict(raw, source: str = "<spec>", seed: int = 0) -> ConceptSpec:
     twin = raw.get("twin", "remove")
     if twin not in TWIN_MODES:
         raise SpecError(f"{source}: twin: {twin!r} is not one of {', '.join(TWIN_MODES)}")
-    fraction = float(raw.get("test_fraction", 0.15))
+    fraction = raw.get("test_fraction", 0.15)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise SpecError(f"{source}: test_fraction: {fraction!r}; expected a number between 0 and 1 (e.g. 0.15)")
+    uniform = raw.get("uniform") or {}
+    if not isinstance(uniform, dict):
+        raise SpecError(f"{source}: uniform: expected a mapping with a forget and a retain prompt")
+    sizes = raw.get("sizes") or {}
+    if not isinstance(sizes, dict) or set(sizes) - {"train", "test"} or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes.values()):
+        raise SpecError(f"{source}: sizes: {sizes!r}; expected train and/or test pair counts ≥ 1, "
+                        "e.g. {train: 800, test: 100}")
     if not isinstance(raw["dimensions"], dict) or not raw["dimensions"]:
         raise SpecError(f"{source}: dimensions: expected a mapping of dimension name to subconcepts")
     dimensions = {name: _split(name, value, fraction, seed, f"{source}: dimensions.{name}")
@@ -147,8 +162,8 @@ def spec_from_dict(raw, source: str = "<spec>", seed: int = 0) -> ConceptSpec:
         else [],
         templates=_strings(raw["templates"], f"{source}: templates"),
         dimensions=dimensions,
-        uniform=dict(raw.get("uniform") or {}),
-        sizes={"train": 800, "test": 100, **(raw.get("sizes") or {})},
+        uniform=dict(uniform),
+        sizes={"train": 800, "test": 100, **sizes},
         source=source,
     )
     validate(spec)
@@ -158,7 +173,9 @@ def spec_from_dict(raw, source: str = "<spec>", seed: int = 0) -> ConceptSpec:
 def validate(spec: ConceptSpec) -> None:
     where = spec.source
     for i, template in enumerate(spec.templates):
-        fields = template_fields(template)
+        fields = template_fields(template, f"{where}: templates[{i}]: ")
+        if any(not name.isidentifier() for name in fields):
+            raise SpecError(f"{where}: templates[{i}] {template!r}: slots are plain names such as {{colour}}")
         if "concept" not in fields:
             raise SpecError(f"{where}: templates[{i}] {template!r} has no {{concept}} slot")
         for name in fields:
@@ -184,7 +201,7 @@ def validate(spec: ConceptSpec) -> None:
         if leak:
             raise SpecError(f"{where}: replacements: {rep!r} contains the concept phrasing {leak!r}")
     for side in ("forget", "retain"):
-        if spec.uniform and not isinstance(spec.uniform.get(side), str):
+        if spec.uniform and not (isinstance(spec.uniform.get(side), str) and spec.uniform[side].strip()):
             raise SpecError(f"{where}: uniform: needs a {side} prompt")
     if spec.uniform:
         leak = spec.mentions_concept(spec.uniform["retain"])

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from erasure.errors import ModelError
+
 from .oracle import Oracle, accuracy, load_oracle, save_oracle, to_tensor, train_oracle
 from .render import ALIASED, ALIASES, ATTRIBUTES, SIZE, caption, render
 
@@ -106,9 +108,9 @@ class WorldRecipe:
 def world_path(model: str = "world:micro") -> Path:
     """The folder behind a ``world:`` model id (only ``world:micro``, the shipped world, exists)."""
     if model != "world:micro":
-        raise ValueError(f"model: {model!r}; the shipped micro world is 'world:micro'")
+        raise ModelError(f"model: {model!r}; the shipped micro world is 'world:micro'")
     if not (SHIPPED / "model_index.json").is_file():
-        raise ValueError(f"model: world:micro is missing from this installation ({SHIPPED}); "
+        raise ModelError(f"model: world:micro is missing from this installation ({SHIPPED}); "
                          "rebuild it with `erasure world build --out " + str(SHIPPED) + "`")
     return SHIPPED
 
