@@ -51,28 +51,37 @@ def chat(content: str) -> dict:
 
 class Server:
     """A scripted OpenAI-compatible endpoint. Each request takes the next entry of `script`:
-    (status, body, delay_s) where body is a str/bytes or a callable(user prompt) -> content string,
-    or None for the default (a good answer for the step). Every request is recorded."""
+    (status, body, delay_s[, extra]) where body is a str/bytes or a callable(user prompt) -> content
+    string, or None for the default (a good answer for the step), and extra may name response
+    `headers` or a `trickle` ("status line" or "body": 20 bytes of it sent 1 byte per 0.3 s). Every
+    request is recorded, GETs too (urllib follows a 301/302/303 as a GET)."""
 
     def __init__(self):
         self.script = deque()
         self.requests = []
         self.lock = threading.Lock()
+        self.closing = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                self.answer(None)
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length))
-                prompt = body["messages"][-1]["content"]
+                self.answer(json.loads(self.rfile.read(length)))
+
+            def answer(self, body):
+                prompt = body["messages"][-1]["content"] if body else ""
                 with outer.lock:
-                    outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                           "step": step_of(prompt)})
+                    outer.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                           "body": body, "step": step_of(prompt)})
                     entry = outer.script.popleft() if outer.script else None
-                status, payload, delay = entry or (200, None, 0)
+                status, payload, delay, *rest = entry or (200, None, 0)
+                extra = rest[0] if rest else {}
                 if delay:
                     time.sleep(delay)
                 if payload is None:
@@ -82,18 +91,26 @@ class Server:
                 if isinstance(payload, str):
                     payload = payload.replace("{AUTH}", self.headers.get("Authorization", ""))
                     payload = payload.encode()
+                head = f"HTTP/1.0 {status} {self.responses.get(status, ('?',))[0]}\r\n"
+                for name, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
+                                    **extra.get("headers", {})}.items():
+                    head += f"{name}: {value}\r\n"
+                raw = (head + "\r\n").encode() + payload
+                start = {None: len(raw), "status line": 0, "body": len(raw) - 20}[extra.get("trickle")]
                 try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:  # the client gave up (timeout test)
+                    self.wfile.write(raw[:start])
+                    for i in range(start, min(start + 20, len(raw))):  # a slow server: 6 s for 20 bytes
+                        if outer.closing.wait(0.3):
+                            return
+                        self.wfile.write(raw[i:i + 1])
+                    self.wfile.write(raw[start + 20:])
+                except OSError:  # the client gave up (timeout tests)
                     pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = self.origin + "/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -103,10 +120,17 @@ class Server:
     def raw(self, body, status: int = 200, delay: float = 0):
         self.script.append((status, body, delay))
 
+    def redirect(self, location: str, status: int = 302):
+        self.script.append((status, b"", 0, {"headers": {"Location": location}}))
+
+    def trickle(self, part: str):
+        self.script.append((200, None, 0, {"trickle": part}))
+
     def steps(self) -> list[str]:
         return [r["step"] for r in self.requests]
 
     def close(self):
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -283,6 +307,100 @@ def test_http_401_message_hides_the_key(server, spec, monkeypatch, tmp_path):
     assert KEY not in repr(client_for(server))
     assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
     assert not state.exists()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_to_another_origin_keeps_the_key(server, monkeypatch, status):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    other = Server()  # another port: another origin
+    try:
+        server.redirect(other.url + "/chat/completions?from=redirect", status)
+        with pytest.raises(LLMError) as info:
+            client_for(server).complete("hello")
+    finally:
+        other.close()
+    message = str(info.value)
+    assert "\n" not in message and f"HTTP {status}" in message and "another origin" in message
+    assert server.url in message and other.origin in message and "from=redirect" not in message
+    assert KEY not in message + repr(info.value)
+    assert other.requests == []  # so neither the key nor the prompt reached it
+
+
+def test_redirect_within_the_origin(server, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    client = client_for(server)
+    server.redirect(server.url + "/chat/completions/", 307)  # keeps the POST: followed
+    assert parse_list(client.complete("hello")) == GOOD["paraphrases"]
+    assert [(r["method"], r["path"]) for r in server.requests] == [("POST", "/v1/chat/completions"),
+                                                                   ("POST", "/v1/chat/completions/")]
+    assert server.requests[1]["body"] == server.requests[0]["body"]
+    assert server.requests[1]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+    server.requests.clear()
+    server.redirect("/v1/other", 302)  # would turn the POST into a bodiless GET: refused
+    with pytest.raises(LLMError, match=r"redirect \(HTTP 302\) to .*/v1/other.*POST into a GET"):
+        client.complete("hello")
+    assert len(server.requests) == 1
+
+
+def test_echoed_key_is_redacted_from_messages_and_answers(server, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    client = client_for(server)
+    # the key straddles the 200 characters of the error body the message shows
+    body = '{"error": "' + "x" * 173 + ' {AUTH} is not valid"}'
+    assert body.index("{AUTH}") + len("Bearer ") == 192
+    server.raw(body, status=401)
+    server.raw(" " * 985 + "{AUTH}", status=500)  # the read of the error body cuts the key
+    server.redirect(f"http://{KEY}.invalid/v1/chat/completions")
+    server.content("here is your key: {AUTH}")
+    for expected in ['HTTP 401 Unauthorized: {"error": "xxx', "HTTP 500 Internal Server Error: Bearer",
+                     "another origin, http://[redacted API key].invalid"]:
+        with pytest.raises(LLMError) as info:
+            client.complete("hello")
+        assert expected in str(info.value)
+        for text in [str(info.value), repr(info.value), info.value.problem]:
+            assert KEY not in text and KEY[:7] not in text, text
+    answer = client.complete("hello")
+    assert answer == "here is your key: Bearer [redacted API key]"
+    assert len(server.requests) == 4
+
+
+def test_echoed_key_is_neither_used_nor_stored(server, spec, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    escaped = KEY.replace("-", "\\u002d")  # a JSON escape: only the parsed item holds the key
+    server.content(f'["unclothed", "{{AUTH}}", "in the buff", "{escaped}", "nude {escaped}"]')
+    server.content('["gardener", "{AUTH}", "sailor"]')
+    for _ in range(2):
+        server.content(f'["{{AUTH}}", "{escaped}"]')
+    state = tmp_path / "out" / "llm_expansion.json"
+    with pytest.raises(LLMError) as info:
+        expand_spec(spec, client_for(server), max_retries=2, state_file=state)
+    message, saved, out = str(info.value), state.read_text(), capsys.readouterr()
+    for text in [message, repr(info.value), info.value.problem, saved, out.out, out.err]:
+        assert KEY not in text and KEY[:7] not in text
+    assert json.loads(saved)["phrasings"] == ["unclothed", "in the buff"]
+    assert sorted(sum(json.loads(saved)["dimensions"]["subject"].values(), [])) == ["gardener", "sailor"]
+    assert "'environment'" in message and "all 2 items rejected: 2 contain the API key" in message
+    assert server.steps() == ["paraphrases", "subject", "environment", "environment"]
+
+    # a state file from before (holding the key) is not reused as it is
+    old = json.loads(saved)
+    old["phrasings"].append(KEY)
+    state.write_text(json.dumps(old))
+    server.script.clear()
+    new = expand_spec(spec, client_for(server), max_retries=2, state_file=state)
+    assert KEY not in new.phrasings and KEY not in state.read_text()
+
+
+@pytest.mark.parametrize("part", ["status line", "body"])
+def test_timeout_bounds_the_whole_request(server, part):
+    server.trickle(part)  # each byte well within the timeout, the answer far beyond it
+    client = client_for(server, timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(LLMError, match="timed out after 1 s") as info:
+        client.complete("hello")
+    assert time.monotonic() - start < 2.0
+    assert server.url in str(info.value)
 
 
 def test_make_client_errors(tmp_path):

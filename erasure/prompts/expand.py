@@ -14,7 +14,9 @@ Accepted subconcepts are split into train/test deterministically (a hash of seed
 item), so the splits stay disjoint. Progress is kept in a JSON state file after each step; a rerun
 with the same file reuses the finished steps without asking the LLM again.
 
-The clients live in erasure.prompts.llm; the API key never reaches the state file.
+The clients live in erasure.prompts.llm; the API key never reaches the state file nor a message:
+an item holding it (an endpoint that echoes the key) is rejected, and every message and example of a
+rejected item passes through the client's redaction.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from erasure.prompts.llm import LLMError
+from erasure.errors import DataError, RecipeError
+from erasure.prompts.llm import REDACTED, LLMError
 from erasure.prompts.spec import ConceptSpec, mentions, template_fields, validate
 
 MAX_WORDS = 8
@@ -98,18 +101,29 @@ def _retain_texts(spec: ConceptSpec) -> list[tuple[str, str]]:
     return texts
 
 
-class _Tally:
-    """Why items were rejected, with the first example of each reason."""
+def _no_secret(text: str) -> str:
+    return text
 
-    def __init__(self):
+
+def _redactor(client):
+    """The client's redaction of its API key; clients without a key have nothing to redact."""
+    redact = getattr(client, "redact", None)
+    return redact if callable(redact) else _no_secret
+
+
+class _Tally:
+    """Why items were rejected, with the first example of each reason (redacted)."""
+
+    def __init__(self, redact=_no_secret):
         self.reasons: Counter = Counter()
         self.examples: dict[str, str] = {}
+        self.redact = redact
 
     def reject(self, item, reason: str, example: str | None = None) -> None:
         self.reasons[reason] += 1
-        if example is None:
-            example = repr(item[:40] if isinstance(item, str) else item)[:50]
-        self.examples.setdefault(reason, example)
+        if example is None:  # redacted before it is cut short, so that the cut cannot leave part of the key
+            example = (repr(self.redact(item)[:40]) if isinstance(item, str) else self.redact(repr(item)))[:50]
+        self.examples.setdefault(reason, self.redact(example))
 
     def summary(self, total: int) -> str:
         if total == 0:
@@ -119,10 +133,14 @@ class _Tally:
 
 
 def _accept(items: list, want: int, seen: set[str], duplicate: str, leak, tally: _Tally) -> list[str]:
-    """Up to `want` cleaned items that are new (not in `seen`) and for which `leak(text)` finds
-    nothing; every rejection is tallied with its reason."""
+    """Up to `want` cleaned items that are new (not in `seen`), do not hold the API key and for which
+    `leak(text)` finds nothing; every rejection is tallied with its reason."""
     accepted = []
     for item in items[:MAX_ITEMS_CONSIDERED]:
+        if isinstance(item, str) and (REDACTED in item or tally.redact(item) != item):
+            # an endpoint that echoes the key must not get it into prompts, the state file or a message
+            tally.reject(item, "contain the API key")
+            continue
         text, why = clean_item(item)
         if why:
             tally.reject(item, why)
@@ -202,7 +220,7 @@ def _load_state(path: Path | None) -> dict:
     try:
         state = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"LLM state file {str(path)!r} is not readable JSON ({e}); delete it to start over") from None
+        raise DataError(f"LLM state file {str(path)!r} is not readable JSON ({e}); delete it to start over") from None
     ok = isinstance(state, dict)
     if ok and "phrasings" in state:
         ok = isinstance(state["phrasings"], list) and all(isinstance(p, str) for p in state["phrasings"])
@@ -215,14 +233,14 @@ def _load_state(path: Path | None) -> dict:
                     and all(isinstance(i, str) for s in ("train", "test") for i in value[s])):
                 ok = False
     if not ok:
-        raise ValueError(f"LLM state file {str(path)!r} does not hold an expansion "
+        raise DataError(f"LLM state file {str(path)!r} does not hold an expansion "
                          "({'phrasings': [...], 'dimensions': {name: {'train': [...], 'test': [...]}}}); "
                          "delete it to start over")
     return state
 
 
 def _write_state(path: Path, state: dict) -> None:
-    from erasure.data.generate import write_atomically
+    from erasure.atomic import write_atomically
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(state, indent=2, ensure_ascii=False) + "\n"
@@ -239,27 +257,29 @@ def _describe(client) -> str:
 
 def _ask(client, prompt: str, accept, step: str, max_retries: int, state_file: Path | None) -> list[str]:
     """Ask until an answer yields at least one acceptable item; LLMError after max_retries attempts."""
+    redact = _redactor(client)
     problem = "no attempt made"
     for attempt in range(1, max_retries + 1):
         try:
             answer = client.complete(prompt)
         except LLMError as e:
-            problem = e.problem
+            problem = redact(e.problem)
             continue
         try:
-            items = parse_list(answer)
+            items = parse_list(redact(answer))
         except ValueError as e:
             problem = str(e)
             continue
-        tally = _Tally()
+        tally = _Tally(redact)
         accepted = accept(items, tally)
         if accepted:
             return accepted
         problem = tally.summary(len(items))
     kept = (f"; steps finished so far are kept in {state_file} and a rerun asks only for the rest"
             if state_file is not None else "")
-    raise LLMError(f"LLM expansion via {_describe(client)} failed at {step}: nothing usable after {max_retries} "
-                   f"attempt{'s' if max_retries != 1 else ''}; last problem: {problem}{kept}", problem)
+    raise LLMError(redact(f"LLM expansion via {_describe(client)} failed at {step}: nothing usable after "
+                          f"{max_retries} attempt{'s' if max_retries != 1 else ''}; last problem: {problem}{kept}"),
+                   problem)
 
 
 def expand_spec(spec: ConceptSpec, client, per_dimension: int = 20, paraphrases: int = 5,
@@ -268,16 +288,17 @@ def expand_spec(spec: ConceptSpec, client, per_dimension: int = 20, paraphrases:
     from tqdm.auto import tqdm
 
     if max_retries < 1:
-        raise ValueError(f"max_retries must be at least 1 (got {max_retries})")
+        raise RecipeError(f"max_retries must be at least 1 (got {max_retries})")
     if per_dimension < 0 or paraphrases < 0:
-        raise ValueError("per_dimension and paraphrases must not be negative")
+        raise RecipeError("per_dimension and paraphrases must not be negative")
     state_file = Path(state_file) if state_file is not None else None
     state = _load_state(state_file)
+    redact = _redactor(client)
     new = copy.deepcopy(spec)
     # Steps not redone in this run stay in the file as they were.
     record = {"phrasings": list(state.get("phrasings", [])), "dimensions": dict(state.get("dimensions", {})),
-              "model": str(getattr(client, "model", "?")),
-              "endpoint": str(getattr(client, "endpoint", type(client).__name__))}
+              "model": redact(str(getattr(client, "model", "?"))),
+              "endpoint": redact(str(getattr(client, "endpoint", type(client).__name__)))}
 
     def save() -> None:
         if state_file is not None:
@@ -289,7 +310,7 @@ def expand_spec(spec: ConceptSpec, client, per_dimension: int = 20, paraphrases:
         # Paraphrases first, so that new subconcepts are checked against every phrasing.
         bar.set_postfix_str("paraphrases")
         if "phrasings" in state:  # reused, re-checked against the spec as it is now
-            added = _filter_paraphrases(new, state["phrasings"], len(state["phrasings"]), _Tally())
+            added = _filter_paraphrases(new, state["phrasings"], len(state["phrasings"]), _Tally(redact))
         elif paraphrases == 0:
             added = []
         else:
@@ -307,7 +328,7 @@ def expand_spec(spec: ConceptSpec, client, per_dimension: int = 20, paraphrases:
             if done is not None:
                 kept = {}
                 for split in ("train", "test"):
-                    kept[split] = _filter_subconcepts(new, name, done[split], len(done[split]), _Tally())
+                    kept[split] = _filter_subconcepts(new, name, done[split], len(done[split]), _Tally(redact))
                     getattr(new.dimensions[name], split).extend(kept[split])
             elif per_dimension == 0:
                 kept = {"train": [], "test": []}
