@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from erasure.data.generate import write_atomically
+from erasure.atomic import write_atomically
 from erasure.methods import METHOD_TABLE
 from erasure.world.data import CHECKOUT as ROOT
 from erasure.world.data import CONCEPTS

@@ -1,8 +1,8 @@
 """Writing the erased model: a complete diffusers pipeline in safetensors, plus an erasure card.
 
-The export is staged in `OUT/.export-tmp` and moved into place component by component with
-`model_index.json` last — and any earlier `model_index.json` removed first — so that a crash during
-export never leaves a folder that `DiffusionPipeline.from_pretrained` would take for complete.
+The export is staged beside OUT (in `.OUT.export-tmp`) and swapped in as a whole folder
+(erasure.atomic), so that a crash during export leaves the earlier export complete, never a mix,
+and never a folder that `DiffusionPipeline.from_pretrained` would take for complete when it is not.
 """
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+
+from erasure.atomic import recover_folder, replace_folder, staging_beside, strict_json
+from erasure.errors import OutputError
 
 MODEL_INDEX = "model_index.json"
 CARD_JSON = "erasure.json"
@@ -104,32 +108,57 @@ Erasure lowers the chance that the model draws the concept; it is not a guarante
 """
 
 
+def is_export(folder: Path) -> bool:
+    """An earlier export of ours, or a run of ours that has checkpoints but has not exported yet."""
+    return (folder / CARD_JSON).is_file() or (folder / "checkpoints").is_dir()
+
+
+def check_output_dir(out: Path, model: str, overwrite: bool) -> None:
+    """Before the first step: the export may only replace what is ours (or what the user said may go),
+    never the base model, and the folder and its parent must be writable (the export is staged beside it)."""
+    out = Path(out).expanduser()
+    if recover_folder(out):
+        print(f"output_dir: put back {out} (an earlier export interrupted mid-swap)")
+    resolved = out.resolve()
+    base = Path(model).expanduser()
+    if base.exists() and (resolved == base.resolve() or resolved in base.resolve().parents):
+        raise OutputError(f"output_dir: {str(out)!r} is (or holds) the base model {model!r}; the export would "
+                          "replace it — choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output_dir: {str(out)!r} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out) and not overwrite:
+        example = sorted(p.name for p in out.iterdir())[:3]
+        raise OutputError(f"output_dir: {str(out)!r} is not empty and is not an erasure export (it holds "
+                          f"{', '.join(example)}…); choose a new folder, or pass --overwrite true to replace "
+                          "it as a whole")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out.parent):
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except OSError as e:
+        raise OutputError(f"output_dir: cannot write in {str(out)!r} or beside it ({e.strerror or e})") from None
+
+
 def export_pipeline(pipe, out_dir: Path, base_folder: Path, card: dict,
-                    lora_state_dict: dict | None = None, save_lora=None) -> Path:
+                    lora_state_dict: dict | None = None, save_lora=None, carry: tuple[str, ...] = ()) -> Path:
+    """Write the whole export beside `out_dir`, then swap it in as one folder: a crash at any moment
+    leaves the complete old export or the complete new one, and nothing of an earlier run (a stale
+    LoRA adapter, say) survives in the new one. `carry` names entries of the old folder that belong
+    to this run (its checkpoints, its logs) and move into the new one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / ".export-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_beside(out, "export")
     pipe.save_pretrained(staging, safe_serialization=True)
     _restore_components(staging, base_folder, ("text_encoder_3", "tokenizer_3"))
     if lora_state_dict is not None:
         save_lora(staging, lora_state_dict)
     card = {**card, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(), "output_dir": str(out)}
-    (staging / CARD_JSON).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    (staging / CARD_JSON).write_text(strict_json(card, indent=2, default=str))
     (staging / "README.md").write_text(model_card(card))
-
-    # Commit: the old index goes first, the new one last, everything else in between.
-    (out / MODEL_INDEX).unlink(missing_ok=True)
-    for item in sorted(staging.iterdir()):
-        if item.name == MODEL_INDEX:
-            continue
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        item.rename(target)
-    (staging / MODEL_INDEX).rename(out / MODEL_INDEX)
-    staging.rmdir()
+    for name in carry:
+        if (out / name).exists():
+            (out / name).rename(staging / name)
+    replace_folder(staging, out)
     return out

@@ -30,6 +30,7 @@ image grid shows the main process's share.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,8 @@ class Monitor:
         self.grids = out / "monitor"
         self.rank, self.world = ((0, 1) if processes == 1 else
                                  (accelerator.process_index, accelerator.num_processes))
+        if not config.resume and self.rank == 0:  # an earlier run's grids are not this run's
+            shutil.rmtree(self.grids, ignore_errors=True)
         self.history: list[dict] = []
 
     @property
@@ -164,7 +167,7 @@ class Monitor:
                 images = []
                 for start in range(0, len(prompts), 16):
                     images += sample_images(pipe, prompts[start:start + 16], seeds[start:start + 16],
-                                            steps=self.steps, guidance=self.guidance, size=None, device=device)
+                                            steps=self.steps, guidance=self.guidance, size=None, device=device)[0]
         finally:
             model.train(was_training)
             for module in parked:
@@ -237,7 +240,7 @@ class Monitor:
         return np.concatenate([row(forget_images)] + ([row(retain_images)] if retain_images else []))
 
     def _log(self, step: int, result: dict, forget_images, retain_images) -> None:
-        from erasure.data.generate import write_atomically
+        from erasure.atomic import write_atomically
 
         scalars = {f"monitor/{k}": v for k, v in {**result, **result.get("world", {})}.items() if isinstance(v, float)}
         self.accelerator.log(scalars, step=step)

@@ -16,11 +16,11 @@ Design choices that make runs reproducible:
 
 from __future__ import annotations
 
-import shutil
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from erasure.backbones import Backbone, load_backbone, resolve_model
 from erasure.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from erasure.config import TrainConfig
-from erasure.data.paired import DataError, PromptImageSet, decode_image, load_prompt_image_set
+from erasure.data.paired import PromptImageSet, decode_image, load_prompt_image_set
+from erasure.errors import DataError, DivergedError, RecipeError
 from erasure.methods import METHOD_TABLE
 from erasure.methods.esd import sample_partial_trajectory
 from erasure.methods.objectives import (denoising_loss, denoising_losses, distillation_loss, esd_loss,
@@ -40,11 +41,14 @@ from erasure.methods.saliency import saliency_mask
 
 # Recipe keys that may change between a checkpoint and its resumption.
 RESUMABLE_CHANGES = {"resume", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
-                     "keep_checkpoints", "report_to", "output_dir",
+                     "keep_checkpoints", "report_to", "output_dir", "overwrite",
                      # the monitor only reads the model (its sampling has its own generators)
                      "monitor_every", "monitor_prompts", "monitor_images", "monitor_detector",
                      "monitor_clip_pretrained", "monitor_steps", "monitor_guidance", "stop_at_erasure"}
 SEED_STRIDE = 1_000_003
+# What a run writes into output_dir before its export (tracker logs, the monitor's images and
+# history): the export swaps in a whole new folder and carries these over.
+RUN_FILES = ("logs", "monitor")
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -289,6 +293,18 @@ class Erasure:
         self.optimizer.zero_grad(set_to_none=False)
         return log
 
+    def diverged(self, log: dict) -> str | None:
+        """What went non-finite in this step — a loss or the updated weights — or None. Checked every
+        step: one NaN makes every later weight NaN, and the export would draw black images that an
+        evaluation reads as a perfect erasure."""
+        for name, value in log.items():
+            if value is not None and not math.isfinite(value):
+                return f"the {name.replace('_', ' ')} is {value}"
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all().float().reshape(1)
+        if self.accelerator.num_processes > 1:  # sharded weights: every process must agree
+            finite = self.accelerator.reduce(finite.to(self.device), "min")
+        return None if finite.item() else "the updated weights hold NaN or inf"
+
     # ---- SalUn ----------------------------------------------------------------------------------
     def compute_saliency(self, show: bool):
         """|Σ ∇ l_f| over the whole forget set, on every process alike (no DDP traffic); l_f is the
@@ -326,15 +342,25 @@ def train(config: TrainConfig) -> Path:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, log_with=_trackers(config.report_to),
-        project_config=ProjectConfiguration(project_dir=config.output_dir,
-                                            logging_dir=str(Path(config.output_dir) / "logs")))
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, log_with=_trackers(config.report_to),
+            project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                                logging_dir=str(Path(config.output_dir) / "logs")))
+    except ValueError as e:  # accelerate's own checks of the setup, e.g. fp16 without a GPU
+        raise RecipeError(f"mixed_precision / report_to: {e}") from None
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate lets it through
+        raise RecipeError("mixed_precision: fp16 needs a GPU; on a CPU train with mixed_precision: no")
     main = accelerator.is_main_process
     world = accelerator.num_processes
     if config.batch_size % (world * config.gradient_accumulation_steps):
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by processes × "
-                         f"gradient_accumulation_steps = {world} × {config.gradient_accumulation_steps}")
+        raise RecipeError(f"batch_size: {config.batch_size} must be divisible by processes × "
+                          f"gradient_accumulation_steps = {world} × {config.gradient_accumulation_steps}")
+    if main:  # before any data or model loads: the export must have somewhere safe to go
+        from erasure.export import check_output_dir
+
+        check_output_dir(Path(config.output_dir), config.model, config.overwrite)
+    accelerator.wait_for_everyone()
     method = METHOD_TABLE[config.method]
     if main:
         print(f"erasure: {config.method} on {accelerator.device}, {world} process{'es' if world > 1 else ''}, "
@@ -415,9 +441,11 @@ def train(config: TrainConfig) -> Path:
                   encoded.get("forget_data"), encoded.get("retain_data"), frozen, latent_shape)
 
     start = 0
-    record = {"config": config.to_dict(), "family": backbone.family}
+    # The data's hashes go into every checkpoint: a resume on other data at the same path is refused.
+    record = {"config": config.to_dict(), "family": backbone.family,
+              "data_sha256": {name: e.data.sha256 for name, e in encoded.items()}}
     if config.resume:
-        start, record["monitor"] = _resume(config, run, names, out)
+        start, record["monitor"] = _resume(config, run, names, out, record["data_sha256"])
     if method.saliency_mask and run.mask is None:
         run.compute_saliency(main)
 
@@ -454,6 +482,12 @@ def train(config: TrainConfig) -> Path:
         began = time.perf_counter()
         log = run.step(step)  # ends in .item() of the losses, so the device has finished the step
         step_seconds.append(time.perf_counter() - began)
+        problem = run.diverged(log)
+        if problem:
+            kept = checkpoints(out / "checkpoints")
+            raise DivergedError(
+                f"training diverged at step {step + 1}: {problem} (learning_rate {config.learning_rate} too high?); "
+                f"nothing was exported" + (f"; the last good checkpoint stays in {kept[-1]}" if kept else ""))
         shown = {k: f"{v:.4f}" for k, v in log.items() if v is not None and "grad" not in k}
         bar.set_postfix(shown, refresh=False)
         accelerator.log({"grad_cosine" if k == "cos" else k if "grad" in k else f"loss/{k}": v
@@ -497,7 +531,7 @@ def _save(run: Erasure, names, out: Path, step: int, record: dict):
                     run.accelerator.scaler, extra, record, run.config.checkpoints_total_limit)
 
 
-def _resume(config: TrainConfig, run: Erasure, names, out: Path) -> int:
+def _resume(config: TrainConfig, run: Erasure, names, out: Path, data_sha256: dict) -> int:
     if config.resume == "latest":
         found = checkpoints(out / "checkpoints")
         if not found:
@@ -510,11 +544,17 @@ def _resume(config: TrainConfig, run: Erasure, names, out: Path) -> int:
     saved, now = state["config"], config.to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
-        raise ValueError(f"resume: {folder} was trained with a different recipe; changed keys: "
+        raise RecipeError(f"resume: {folder} was trained with a different recipe; changed keys: "
                          + ", ".join(f"{k} ({saved.get(k)!r} → {now[k]!r})" for k in changed))
+    recorded = state.get("data_sha256", {})
+    moved = [k for k in sorted(data_sha256) if recorded.get(k, data_sha256[k]) != data_sha256[k]]
+    if moved:
+        raise DataError(f"resume: {', '.join(moved)} changed since {folder} was written (sha256 "
+                        + ", ".join(f"{recorded[k][:12]}… → {data_sha256[k][:12]}…" for k in moved)
+                        + "); resume only on the data the run started with, or start a new run")
     missing = [n for n in names if n not in weights]
     if missing:
-        raise ValueError(f"resume: {folder} lacks trainable weights such as {missing[:3]}")
+        raise DataError(f"resume: {folder} lacks trainable weights such as {missing[:3]}")
     with torch.no_grad():
         for name, param in zip(names, run.params):
             param.copy_(weights[name])
@@ -575,11 +615,12 @@ def _export(model, config: TrainConfig, backbone: Backbone, base_folder: Path, o
             data: dict, log: dict, stats: dict):
     from erasure.export import export_pipeline
 
-    lora = None
+    lora = lora_metadata = None
     if config.scope == "lora":
         from peft.utils import get_peft_model_state_dict
 
         lora = get_peft_model_state_dict(model)  # peft key format, which load_lora_weights reads
+        lora_metadata = model.peft_config["default"].to_dict()  # rank and alpha travel with the weights
         model.fuse_lora()  # the pipeline folder holds the erased model itself,
         model.unload_lora()  # the adapter file holds the difference
     model.to("cpu")
@@ -591,9 +632,10 @@ def _export(model, config: TrainConfig, backbone: Backbone, base_folder: Path, o
                              "retain_grad_norm": log.get("retain_grad_norm")},
             "data": {name: d.describe() for name, d in data.items()},
             "run": stats, "config": config.to_dict()}
-    export_pipeline(backbone.pipe, out, base_folder, card, lora, backbone.save_lora)
-    if not config.keep_checkpoints:  # the folder is what users ship; checkpoints only serve a resume
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    # The folder is what users ship; checkpoints only serve a resume, unless asked to stay.
+    export_pipeline(backbone.pipe, out, base_folder, card, lora,
+                    partial(backbone.save_lora, metadata=lora_metadata),
+                    carry=RUN_FILES + (("checkpoints",) if config.keep_checkpoints else ()))
     print(f"exported the erased pipeline to {out}")
 
 

@@ -142,7 +142,9 @@ class Backbone:
         raise NotImplementedError
 
     # ---- export ---------------------------------------------------------------------------------
-    def save_lora(self, directory, lora_state_dict: dict) -> None:
+    def save_lora(self, directory, lora_state_dict: dict, metadata: dict) -> None:
+        """Write the adapter with its peft config (rank, alpha, targets) as safetensors metadata: without
+        it diffusers reloads the adapter at alpha = rank, whatever alpha it was trained with."""
         raise NotImplementedError
 
 

@@ -75,5 +75,6 @@ class StableDiffusionBackbone(Backbone):
         # ESD samples its x_t with DDIM (Gandikota et al. 2023, code: 50 DDIM steps).
         return DDIMScheduler.from_config(self.scheduler.config)
 
-    def save_lora(self, directory, lora_state_dict):
-        type(self.pipe).save_lora_weights(directory, unet_lora_layers=lora_state_dict)
+    def save_lora(self, directory, lora_state_dict, metadata):
+        type(self.pipe).save_lora_weights(directory, unet_lora_layers=lora_state_dict,
+                                          unet_lora_adapter_metadata=metadata)

@@ -108,5 +108,6 @@ class StableDiffusion3Backbone(Backbone):
     def sampling_scheduler(self):
         return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
 
-    def save_lora(self, directory, lora_state_dict):
-        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=lora_state_dict)
+    def save_lora(self, directory, lora_state_dict, metadata):
+        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=lora_state_dict,
+                                          transformer_lora_adapter_metadata=metadata)

@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
+import math
 from itertools import zip_longest
 from pathlib import Path
 
-from erasure.data.paired import DataError
+from erasure.data.paired import numbered_jsonl
+from erasure.atomic import TMP_SUFFIX, write_atomically
+from erasure.config import MAX_SEED
+from erasure.errors import DataError, RecipeError
 
 SIDES = ("forget", "retain")
 # Columns each metadata row sets itself; a prompts file may not carry keys that would overwrite them
 # ("image" is the column `datasets` image folders decode into).
 RESERVED = {"file_name", "prompt", "seed", "pair", "steps", "guidance", "image"}
 # Settings that change the pixels: a rerun that differs in any of them must not add to the folder.
+# The model is compared by its weights (a model retrained at the same path is another model).
 # (count / limit is left out on purpose: pair i's images do not depend on how many pairs there are.)
-COMPARED = ("model", "steps", "guidance", "size", "seed", "images_per_prompt", "dtype", "prompts_sha256")
-TMP_SUFFIX = ".tmp"
+COMPARED = ("weights_sha256", "steps", "guidance", "size", "seed", "images_per_prompt", "dtype", "prompts_sha256")
 
 
 def read_pairs(prompts_file: Path) -> list[dict]:
@@ -38,16 +40,7 @@ def read_pairs(prompts_file: Path) -> list[dict]:
     if not prompts_file.is_file():
         raise DataError(f"prompts file {prompts_file} does not exist")
     pairs = []
-    for number, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{prompts_file} line {number} is not JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{prompts_file} line {number} is a JSON {type(row).__name__}, expected an "
-                            "object with forget_prompt and retain_prompt")
+    for number, row in numbered_jsonl(prompts_file, "prompts"):
         for key in ("forget_prompt", "retain_prompt"):
             if key not in row:
                 raise DataError(f"{prompts_file} line {number} has no {key!r} (keys: {', '.join(row) or 'none'})")
@@ -62,23 +55,6 @@ def read_pairs(prompts_file: Path) -> list[dict]:
         raise DataError(f"prompts file {prompts_file} is empty; expected one JSON object per line with "
                         "forget_prompt and retain_prompt")
     return pairs
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(file) into a temporary sibling, flushed to disk, then renamed over `path`: a reader (or a
-    rerun after a kill) sees the old file or the complete new one, never a partial one."""
-    # Not mkstemp: its files are private (0600); os.open's mode goes through the umask like open's.
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_json(path: Path, value) -> None:
@@ -110,14 +86,19 @@ def load_pipeline(folder: Path, device: str, dtype: str):
 
 
 def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int | None,
-                  device) -> list:
+                  device) -> tuple[list, list[bool]]:
     """One call of the pipeline's own sampler; image j comes from a generator seeded by ``seeds[j]``,
-    so it gets the same noise in any batch, on any rerun. Returns PIL images."""
+    so it gets the same noise in any batch, on any rerun. Returns PIL images and, per image, whether
+    its pixels were finite: a NaN image would otherwise be saved as black and pass for a clean one."""
+    import numpy as np
     import torch
 
     size = size or native_size(pipe)
-    return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds]).images
+    arrays = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                  generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds],
+                  output_type="np").images
+    finite = [bool(np.isfinite(a).all()) for a in arrays]
+    return pipe.numpy_to_pil(np.nan_to_num(arrays, nan=0.0, posinf=0.0, neginf=0.0)), finite
 
 
 def native_size(pipe) -> int:
@@ -128,12 +109,30 @@ def native_size(pipe) -> int:
 def _check_settings(path: Path, settings: dict) -> None:
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise DataError(f"{path} is not a generation record; use another out_dir (or delete that folder)")
     differ = [k for k in COMPARED if old.get(k) != settings[k]]
     if differ:
         detail = "; ".join(f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in differ)
-        raise ValueError(f"{path.parent} holds images generated with different settings ({detail}); "
-                         "use another out_dir, or the same settings to resume")
+        raise DataError(f"{path.parent} holds images generated with different settings ({detail}); "
+                        "use another out_dir, or the same settings and model to resume")
+
+
+def check_sampling(steps: int | None, guidance: float | None, size: int | None, seed: int, **counts) -> None:
+    """Sampler settings a user typed, checked before any model loads; `counts` must be ≥ 1 (None: unset)."""
+    if guidance is not None and not math.isfinite(guidance):
+        raise RecipeError(f"guidance: must be a finite number, got {guidance}")
+    if not 0 <= seed < MAX_SEED:
+        raise RecipeError(f"seed: must be an integer in [0, 2**32), got {seed}")
+    for name, value in {"steps": steps, **counts}.items():
+        if value is not None and value < 1:
+            raise RecipeError(f"{name}: must be at least 1, got {value}")
+    if size is not None and (size < 8 or size % 8):
+        raise RecipeError(f"size: must be a multiple of 8 (the VAE's factor), at least 8; got {size}")
 
 
 def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *, steps: int | None = None,
@@ -149,33 +148,29 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
     import torch
     from tqdm.auto import tqdm
 
-    from erasure.backbones import resolve_model
+    from erasure.backbones import resolve_model, weights_sha256
     from erasure.world.model import default_sampler
 
     model = str(model)
+    check_sampling(steps, guidance, size, seed, batch_size=batch_size, images_per_prompt=images_per_prompt,
+                   limit=limit)
+    if dtype not in DTYPES:
+        raise RecipeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    prompts_file, out = Path(prompts_file), Path(out_dir)
+    pairs = read_pairs(prompts_file)[:limit]  # the whole file is validated, even under a limit
     folder = resolve_model(model)
     default_steps, default_guidance = default_sampler(folder)
     steps = default_steps if steps is None else steps
     guidance = default_guidance if guidance is None else guidance
 
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("images_per_prompt", images_per_prompt)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 (or None for every pair), got {limit}")
-    prompts_file, out = Path(prompts_file), Path(out_dir)
-    pairs = read_pairs(prompts_file)[:limit]  # the whole file is validated, even under a limit
-
     if Path(model).expanduser().is_dir():  # a local folder is recorded absolute, so reruns match
         model = str(Path(model).expanduser().resolve())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype == "auto":  # half precision where it is fast and usual (GPUs), full where it is not
         dtype = "float32" if torch.device(device).type == "cpu" else "float16"
     pipe = load_pipeline(folder, device, dtype)
     settings = {
-        "model": model, "steps": int(steps), "guidance": float(guidance),
+        "model": model, "weights_sha256": weights_sha256(folder), "steps": int(steps), "guidance": float(guidance),
         "size": int(size or native_size(pipe)), "seed": int(seed),
         "images_per_prompt": int(images_per_prompt), "dtype": dtype,
         "prompts_file": str(prompts_file.resolve()),
@@ -211,9 +206,13 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
     # Forget and retain batches alternate, so a killed run leaves mostly complete twins behind.
     for batch in (b for twins in zip_longest(batches("forget"), batches("retain")) for b in twins if b):
         side, chunk = batch
-        images = sample_images(pipe, [pairs[i][f"{side}_prompt"] for i, _ in chunk],
-                               [image_seed(i, k) for i, k in chunk], steps=steps, guidance=guidance,
-                               size=settings["size"], device=device)
+        images, finite = sample_images(pipe, [pairs[i][f"{side}_prompt"] for i, _ in chunk],
+                                       [image_seed(i, k) for i, k in chunk], steps=steps, guidance=guidance,
+                                       size=settings["size"], device=device)
+        if not all(finite):
+            i, _ = chunk[finite.index(False)]
+            raise DataError(f"model: {model} draws NaN or inf for pair {i} ({pairs[i][f'{side}_prompt']!r}); its "
+                            f"weights are broken (a diverged run?) — nothing was written for it")
         for (i, k), image in zip(chunk, images):
             write_atomically(out / side / f"{i:06d}_{k}.png", lambda f, im=image: im.save(f, format="PNG"))
         bar.update(len(chunk))

@@ -32,9 +32,19 @@ def protocol_lines(report: dict) -> list[str]:
     return lines
 
 
+def scored(report: dict) -> list[dict]:
+    """The models whose images were scored (a model whose images are all blank is flagged instead)."""
+    return [m for m in report["models"] if m["metrics"]]
+
+
 def tables(report: dict) -> list[str]:
-    models = report["models"]
+    models = scored(report)
     lines = []
+    flagged = [m for m in report["models"] if m.get("flag")]
+    if flagged:
+        lines += ["", "## Flags", ""] + [f"- **{m['name']}**: {m['flag']}" for m in flagged]
+    if not models:
+        return lines
     metrics = models[0]["metrics"]
     if "nudenet" in metrics:
         classes = metrics["nudenet"]["classes"]
@@ -90,7 +100,9 @@ def plots(report: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models, written = report["models"], []
+    models, written = scored(report), []
+    if not models:
+        return written
     metrics = models[0]["metrics"]
     if "nudenet" in metrics:  # RGD figure 4: detections per exposed class, models side by side
         classes = metrics["nudenet"]["classes"]
@@ -152,11 +164,12 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
-    from erasure.data.generate import write_atomically
+    from erasure.atomic import strict_json
+    from erasure.atomic import write_atomically
 
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = [p.name for p in plots(report, out)]
-    write_atomically(out / "report.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    write_atomically(out / "report.json", lambda f: f.write(strict_json(report, indent=2).encode()))
     write_atomically(out / "report.md", lambda f: f.write(render_markdown(report).encode()))
 
 

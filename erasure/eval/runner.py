@@ -19,14 +19,17 @@ Metrics, with the direction that is better and how they aggregate:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from erasure.data.generate import load_pipeline, native_size, sample_images, write_atomically
+from erasure.atomic import write_atomically
+from erasure.data.generate import load_pipeline, native_size, sample_images
 from erasure.backbones import weights_sha256
-from erasure.data.paired import DataError
+from erasure.data.paired import numbered_jsonl
+from erasure.errors import DataError, ModelError
 
 
 def suite_items(suite: dict) -> tuple[list[dict], dict]:
@@ -51,13 +54,11 @@ def suite_items(suite: dict) -> tuple[list[dict], dict]:
         side = p.get("side", "retain")
         column = f"{side}_prompt"
         items = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if column not in row:
-                    raise DataError(f"prompts.prompt_set: {path} line {number} has no column {column!r}")
-                items.append({"prompt": row[column], "seed": int(fixed_seed) + len(items),
-                              "guidance": float(fixed_guidance)})
+        for number, row in numbered_jsonl(path, "prompts.prompt_set"):
+            if not isinstance(row.get(column), str):
+                raise DataError(f"prompts.prompt_set: {path} line {number} has no text column {column!r}")
+            items.append({"prompt": row[column], "seed": int(fixed_seed) + len(items),
+                          "guidance": float(fixed_guidance)})
         info = {"source": "prompt_set", "file": str(path), "side": side, "kept": len(items)}
     elif p.get("world"):
         from erasure.eval.micro import world_prompts
@@ -88,33 +89,71 @@ def _readable(path: Path) -> bool:
         with Image.open(path) as image:
             image.verify()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError):
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError):
         return False
 
 
+def _identity(folder: Path, generation: dict, dtype: str, device: str) -> dict:
+    """What, besides each image's prompt, seed and guidance, decides its pixels."""
+    return {"weights_sha256": weights_sha256(folder), "steps": generation["steps"],
+            "requested_size": generation["size"], "dtype": dtype, "device": device}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def generate_images(model: str, items: list[dict], generation: dict, out: Path, show: bool = True) -> tuple[list[dict], dict]:
-    """Render every item's images (resuming); returns one record per image and the sampler used."""
+    """Render every item's images (resuming); returns one record per image and the sampler used.
+
+    A folder's images are reused only when they are this model's: the weights (by hash) and the
+    sampler settings recorded in generation.json must match, and each image's prompt, seed and
+    guidance in metadata.jsonl. Anything else is rendered again. generation.json is written before
+    the first image and metadata.jsonl after every batch, so each image on disk is described."""
     import torch
 
     from erasure.backbones import resolve_model
 
     folder = resolve_model(model)
     out.mkdir(parents=True, exist_ok=True)
-    k_max = generation["images_per_prompt"]
-    records = [{"file_name": f"{i:06d}_{k}.png", "prompt": it["prompt"], "seed": it["seed"] + k,
-                "guidance": it["guidance"], **({"label": it["label"]} if "label" in it else {})}
-               for i, it in enumerate(items) for k in range(k_max)]
-    todo = [r for r in records if not _readable(out / r["file_name"])]
-    pipe = None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = generation["dtype"]
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "float16"
+    identity = _identity(folder, generation, dtype, device)
+    run_file, index = out / "generation.json", out / "metadata.jsonl"
+    run = _read_json(run_file)
+    if not isinstance(run, dict) or {k: run.get(k) for k in identity} != identity:
+        if run is not None or any(out.iterdir()):
+            changed = [k for k in identity if not isinstance(run, dict) or run.get(k) != identity[k]]
+            print(f"{out}: images made by other weights or settings ({', '.join(changed)}); rendering them again")
+        for stale in out.iterdir():
+            if stale.is_file():
+                stale.unlink()
+        run = None
+    made = {}
+    if run is not None and index.is_file():
+        made = {r["file_name"]: r for r in _jsonl_objects(index)}
+    k_max = generation["images_per_prompt"]
+    records = [{"file_name": f"{i:06d}_{k}.png", "prompt": it["prompt"], "seed": it["seed"] + k,
+                "guidance": it["guidance"], **({"label": it["label"]} if "label" in it else {})}
+               for i, it in enumerate(items) for k in range(k_max)]
+
+    def same(record):
+        kept = made.get(record["file_name"])
+        return kept is not None and {k: v for k, v in kept.items() if k != "finite"} == record
+
+    todo = [r for r in records if not (same(r) and _readable(out / r["file_name"]))]
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"generating {out.name}",
                unit="image", disable=not show)
     if todo:
         pipe = load_pipeline(folder, device, dtype)
-    size = generation["size"] or (native_size(pipe) if pipe else None)
+        run = {**identity, "folder": str(folder), "sampler": type(pipe.scheduler).__name__,
+               "size": generation["size"] or native_size(pipe)}
+        write_atomically(run_file, lambda f: f.write(json.dumps(run).encode()))
     # Images of one call share a guidance scale; I2P's per-prompt scales split the batches.
     start = 0
     while start < len(todo):
@@ -122,33 +161,69 @@ def generate_images(model: str, items: list[dict], generation: dict, out: Path, 
         while (len(batch) < generation["batch_size"] and start + len(batch) < len(todo)
                and todo[start + len(batch)]["guidance"] == batch[0]["guidance"]):
             batch.append(todo[start + len(batch)])
-        images = sample_images(pipe, [r["prompt"] for r in batch], [r["seed"] for r in batch],
-                               steps=generation["steps"], guidance=batch[0]["guidance"], size=size, device=device)
-        for record, image in zip(batch, images):
+        images, finite = sample_images(pipe, [r["prompt"] for r in batch], [r["seed"] for r in batch],
+                                       steps=generation["steps"], guidance=batch[0]["guidance"], size=run["size"],
+                                       device=device)
+        for record, image, ok in zip(batch, images, finite):
             write_atomically(out / record["file_name"], lambda f, im=image: im.save(f, format="PNG"))
+            made[record["file_name"]] = {**record, "finite": ok}
+        _write_index(index, made)
         bar.update(len(batch))
         start += len(batch)
     bar.close()
-    write_atomically(out / "metadata.jsonl",
-                     lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
-    run_file = out / "generation.json"
-    if pipe is not None:  # what rendered these images; a rerun with nothing left to render reads it back
-        run = {"folder": str(folder), "sampler": type(pipe.scheduler).__name__, "size": size, "dtype": dtype}
-        write_atomically(run_file, lambda f: f.write(json.dumps(run).encode()))
-    return records, json.loads(run_file.read_text())
+    records = [made[r["file_name"]] for r in records]
+    _write_index(index, {r["file_name"]: r for r in records})
+    return records, run
+
+
+def _jsonl_objects(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # an index line we cannot read: its image is rendered again
+        if isinstance(row, dict) and "file_name" in row:
+            rows.append(row)
+    return rows
+
+
+def _write_index(path: Path, made: dict) -> None:
+    text = "".join(json.dumps(made[name]) + "\n" for name in sorted(made))
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def blank_images(records: list[dict], paths: list[Path]) -> int:
+    """Images that are not pictures: non-finite pixels at generation, or one flat colour."""
+    import numpy as np
+    from PIL import Image
+
+    count = 0
+    for record, path in zip(records, paths):
+        if not record.get("finite", True):
+            count += 1
+            continue
+        with Image.open(path) as image:
+            pixels = np.asarray(image)
+        count += int(pixels.min() == pixels.max())
+    return count
 
 
 def score_nudenet(settings: dict, paths: list[Path], out: Path) -> dict:
     from erasure.eval.nudity import ALL_CLASSES, EXPOSED_CLASSES, NudityDetector, count_detections
 
+    # Detections are kept per image, keyed by the image's bytes: a re-rendered image is detected again.
     record = out / "nudenet.jsonl"
-    lines = record.read_text().splitlines() if record.is_file() else []
-    if len(lines) == len(paths):
-        detections = [json.loads(line)["detections"] for line in lines]
-    else:
-        detections = NudityDetector().detect([str(p) for p in paths])
-        write_atomically(record, lambda f: f.write("".join(
-            json.dumps({"file_name": p.name, "detections": d}) + "\n" for p, d in zip(paths, detections)).encode()))
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    kept = {r.get("sha256"): r.get("detections") for r in _jsonl_objects(record)} if record.is_file() else {}
+    missing = [i for i, d in enumerate(digests) if not isinstance(kept.get(d), list)]
+    if missing:
+        found = NudityDetector().detect([str(paths[i]) for i in missing])
+        kept.update({digests[i]: d for i, d in zip(missing, found)})
+    detections = [kept[d] for d in digests]
+    write_atomically(record, lambda f: f.write("".join(
+        json.dumps({"file_name": p.name, "sha256": h, "detections": d}) + "\n"
+        for p, h, d in zip(paths, digests, detections)).encode()))
     classes = EXPOSED_CLASSES if settings["classes"] == "exposed" else ALL_CLASSES
     return count_detections(detections, settings["threshold"], classes)
 
@@ -219,8 +294,8 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
     for model in models:  # every model is found before minutes of generation start
         try:
             resolve_model(model)
-        except ValueError as e:
-            raise DataError(f"--model: {e}") from None
+        except ModelError as e:
+            raise ModelError(f"--{e}") from None
     items, source = suite_items(suite)
     if not items:
         raise DataError(f"suite {suite['file']}: no prompts to evaluate")
@@ -232,6 +307,17 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
         records, run = generate_images(model, items, suite["generation"], folder_out, show)
         paths = [folder_out / r["file_name"] for r in records]
         metrics = {}
+        blank = blank_images(records, paths)
+        result = {"name": name, "model": model, "weights_sha256": run["weights_sha256"], "sampler": run["sampler"],
+                  "size": run["size"], "dtype": run["dtype"], "blank_images": blank, "metrics": metrics}
+        results.append(result)
+        if blank == len(records):
+            # A diverged model draws NaN, saved as black: every detector reads that as a perfect erasure.
+            result["flag"] = (f"all {blank} images are blank (non-finite or one flat colour): the model is broken, "
+                              "not scored")
+            continue
+        if blank:
+            result["flag"] = f"{blank} of {len(records)} images are blank (non-finite or one flat colour)"
         for metric, settings in suite["metrics"].items():
             if metric == "nudenet":
                 metrics[metric] = score_nudenet(settings, paths, folder_out)
@@ -254,12 +340,11 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
                                                            [r["prompt"] for r in records])
                 reference = features if reference is None else reference
                 metrics[metric]["frechet_to_first"] = frechet_between(features, reference)
-        results.append({"name": name, "model": model, "weights_sha256": weights_sha256(Path(run["folder"])),
-                        "sampler": run["sampler"], "size": run["size"], "dtype": run["dtype"], "metrics": metrics})
-    if "clip_alignment" in suite["metrics"]:
+    if "clip_alignment" in suite["metrics"] and "clip_alignment" in results[0]["metrics"]:
         first = results[0]["metrics"]["clip_alignment"]["mean"]
         for r in results:
-            r["metrics"]["clip_alignment"]["delta_to_first"] = r["metrics"]["clip_alignment"]["mean"] - first
+            if "clip_alignment" in r["metrics"]:
+                r["metrics"]["clip_alignment"]["delta_to_first"] = r["metrics"]["clip_alignment"]["mean"] - first
     report = {"protocol": {"suite": suite["name"], "suite_file": suite["file"], "suite_sha256": suite["sha256"],
                            "prompts": source, "generation": suite["generation"], "metrics": suite["metrics"],
                            "seeds": suite["prompts"].get("seed", 0), "guidance": suite["prompts"].get("guidance", 7.5),

@@ -182,7 +182,7 @@ def diversity_stats(spec: ConceptSpec | None, rows: list[dict]) -> dict:
 
 
 def write_sets(out: Path, train: list[dict], test: list[dict], stats: dict) -> None:
-    from erasure.data.generate import write_atomically
+    from erasure.atomic import write_atomically
 
     out.mkdir(parents=True, exist_ok=True)
     texts = {f"{name}.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
