@@ -7,7 +7,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from conftest import read_weights, run_recipe
-from erasure.export import MODEL_INDEX, export_pipeline
+from erasure.export import check_output_dir, export_pipeline
 
 
 def generate(pipe, prompt="a photo of a person on a beach"):
@@ -26,7 +26,7 @@ def test_export_loads_with_no_extra_arguments_and_generates(family, tiny_models,
     assert card["data"]["forget_data"]["rows"] == 16 and len(card["data"]["forget_data"]["sha256"]) == 64
     assert card["final_losses"]["forget"] is not None and card["config"]["learning_rate"] == 1e-4
     assert "rgd" in (out / "README.md").read_text().lower()
-    assert not list(out.glob("**/*.bin")) and not (out / ".export-tmp").exists()
+    assert not list(out.glob("**/*.bin")) and not list(out.parent.glob(".out.*"))
 
 
 def test_sd3_trained_without_t5_exports_a_complete_pipeline(tiny_sd3, tmp_path):
@@ -41,8 +41,9 @@ def test_sd3_trained_without_t5_exports_a_complete_pipeline(tiny_sd3, tmp_path):
 @pytest.mark.parametrize("family", ["sd1", "sd3"])
 def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
     base = tiny_models[family]
+    # alpha ≠ rank: the adapter file must carry its alpha, or diffusers reloads it at alpha = rank
     out = run_recipe("tiny/rgd.yaml", model=base, output_dir=tmp_path / "out", max_steps=2, scope="lora",
-                     learning_rate=1e-2)
+                     learning_rate=1e-2, lora_rank=4, lora_alpha=16)
     erased = DiffusionPipeline.from_pretrained(out)  # LoRA fused into the exported weights
     with_adapter = DiffusionPipeline.from_pretrained(base)
     with_adapter.load_lora_weights(out)
@@ -52,35 +53,39 @@ def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
     assert abs(a - c).max() > 1e-4  # and the adapter did change the model
 
 
-def test_a_crash_during_export_never_leaves_a_complete_looking_folder(tiny_sd1, tmp_path):
+def test_a_crash_at_any_moment_of_an_export_leaves_the_old_export_whole(tiny_sd1, tmp_path):
     out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "out", max_steps=1)
-    assert (out / MODEL_INDEX).exists()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     pipe = DiffusionPipeline.from_pretrained(out)
 
     def crash(directory, state_dict):
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(RuntimeError, match="disk full"):  # while the new export is written
         export_pipeline(pipe, out, tiny_sd1, {"config": {}}, lora_state_dict={}, save_lora=crash)
-    assert (out / MODEL_INDEX).exists()  # the crash came before the commit: the old export stands
-    assert DiffusionPipeline.from_pretrained(out) is not None
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     real_rename = type(out).rename
 
     def rename_then_die(self, target):
-        if self.name == "unet":  # mid-commit: some components moved, model_index not yet
+        if self.name == "out":  # the fallback swap, between its two renames
+            real_rename(self, target)
             raise OSError("killed")
         return real_rename(self, target)
 
+    card = {"config": {"scope": "full", "method": "rgd", "concept": "", "batch_size": 1, "learning_rate": 1},
+            "base_model": "b", "family": "sd1", "steps": 1, "final_losses": {}, "data": {}}
     type(out).rename = rename_then_die
     try:
-        with pytest.raises(OSError, match="killed"):
-            export_pipeline(pipe, out, tiny_sd1, {"config": {"scope": "full", "method": "rgd", "concept": "",
-                                                             "batch_size": 1, "learning_rate": 1},
-                                                  "base_model": "b", "family": "sd1", "steps": 1,
-                                                  "final_losses": {}, "data": {}})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("erasure.atomic._exchange", lambda a, b: False)  # as where renameat2 is missing
+            with pytest.raises(OSError, match="killed"):
+                export_pipeline(pipe, out, tiny_sd1, card)
     finally:
         type(out).rename = real_rename
-    assert not (out / MODEL_INDEX).exists()
-    with pytest.raises(Exception):
-        DiffusionPipeline.from_pretrained(out)
+    assert not out.exists()  # the moment between the renames: the old export waits aside, whole
+    check_output_dir(out, str(tiny_sd1), overwrite=False)  # the next run puts it back
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    export_pipeline(pipe, out, tiny_sd1, card)  # and an export that completes replaces it
+    assert json.loads((out / "erasure.json").read_text())["base_model"] == "b"
+    assert DiffusionPipeline.from_pretrained(out) is not None
