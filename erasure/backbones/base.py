@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from erasure.errors import RecipeError
+
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors the denoiser takes as keyword args
 
 
@@ -91,7 +93,7 @@ class Backbone:
                 param.requires_grad_(True)
                 chosen.append((name, param))
         if not chosen:
-            raise ValueError(f"scope {scope!r} selects no parameter of {type(model).__name__}")
+            raise RecipeError(f"scope: {scope!r} selects no parameter of {type(model).__name__}")
         return chosen
 
     def frozen_copy(self, dtype: torch.dtype) -> torch.nn.Module:

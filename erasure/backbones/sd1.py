@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from erasure.backbones.base import Backbone, Conditioning, Noised, broadcast_to, token_segments
+from erasure.errors import ModelError
 
 
 class StableDiffusionBackbone(Backbone):
@@ -18,7 +19,7 @@ class StableDiffusionBackbone(Backbone):
         self.scheduler = pipe.scheduler
         self.prediction_type = pipe.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"scheduler prediction_type {self.prediction_type!r}: erasure supports "
+            raise ModelError(f"model: scheduler prediction_type {self.prediction_type!r}: erasure supports "
                              "epsilon and v_prediction")
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
 
