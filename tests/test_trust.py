@@ -204,6 +204,16 @@ OTHER_CASES = {
                                 "uniform: expected a mapping"),
     "prompts: unbalanced brace": (lambda t, m: ["prompts", "build", _spec(t, templates=["a {colour {concept}"]),
                                                 "--out", str(t / "p")], "templates[0]: template 'a {colour {concept}'"),
+    "eval: metrics a list": (lambda t, m: ["eval", "--suite", str(_write(t / "s.yaml", "prompts: {classes: [a]}\n"
+                                                                          "metrics: [nudenet]\n")),
+                                           "--model", str(m), "--out", str(t / "e")], "metrics: expected a mapping"),
+    "eval: threshold 2": (lambda t, m: ["eval", "--suite", str(_write(t / "s.yaml", "prompts: {classes: [a]}\n"
+                                                                       "metrics: {nudenet: {threshold: 2}}\n")),
+                                        "--model", str(m), "--out", str(t / "e")], "threshold: 2; a detector score"),
+    "world build: a count that is text": (lambda t, m: ["world", "build", "--out", str(t / "w"), "--set", "steps=abc"],
+                                          "world recipe steps: 'abc' is not like its default 3000"),
+    "report: not a report": (lambda t, m: ["report", str(_write(t / "r" / "report.json", "[1]").parent)],
+                             "is not a report `erasure eval` wrote"),
     "prompts: openai without a base URL": (lambda t, m: ["prompts", "build", _spec(t), "--out", str(t / "p"),
                                                          "--llm", "openai", "--model", "gpt"], "--base-url"),
 }

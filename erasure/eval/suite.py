@@ -95,6 +95,9 @@ def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
     sources = [s for s in PROMPT_SOURCES if prompts.get(s)]
     if len(sources) != 1:
         raise SuiteError(f"{where}: prompts: give exactly one of {', '.join(PROMPT_SOURCES)} (got {sources or 'none'})")
+    for key in ("generation", "metrics"):
+        if not isinstance(suite.get(key) or {}, dict):
+            raise SuiteError(f"{where}: {key}: expected a mapping of keys to values, got {suite[key]!r}")
     generation = {**GENERATION, **(suite.get("generation") or {})}
     unknown = set(generation) - set(GENERATION)
     if unknown:
@@ -107,6 +110,8 @@ def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
     for name, settings in metrics.items():
         if name not in METRICS:
             raise SuiteError(f"{where}: unknown metric {name!r}; known metrics: {', '.join(METRICS)}")
+        if not isinstance(settings or {}, dict):
+            raise SuiteError(f"{where}: metrics.{name}: expected a mapping of settings (or nothing), got {settings!r}")
         settings = {**METRICS[name], **(settings or {})}
         unknown = set(settings) - set(METRICS[name])
         if unknown:
@@ -134,6 +139,12 @@ def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
             raise SuiteError(f"{where}: prompts.world: {prompts['world']!r}; choose one of {', '.join(WORLD_PROMPTS)}")
     if "nudenet" in resolved and resolved["nudenet"]["classes"] not in ("exposed", "all"):
         raise SuiteError(f"{where}: metrics.nudenet.classes: 'exposed' or 'all'")
+    threshold = resolved.get("nudenet", {}).get("threshold", 0.5)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise SuiteError(f"{where}: metrics.nudenet.threshold: {threshold!r}; a detector score in [0, 1]")
+    if prompts.get("classes") is not None and not (isinstance(prompts["classes"], list)
+                                                   and all(isinstance(c, str) for c in prompts["classes"])):
+        raise SuiteError(f"{where}: prompts.classes: expected a list of class names")
     suite.update(prompts=prompts, generation=generation, metrics=resolved, name=suite.get("name") or path.stem,
                  file=str(path), sha256=hashlib.sha256(json.dumps(suite, sort_keys=True, default=str)
                                                        .encode()).hexdigest())

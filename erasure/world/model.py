@@ -88,6 +88,23 @@ class WorldRecipe:
         if unknown:
             raise ValueError(f"unknown world recipe keys {unknown}; known: {sorted(known)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        defaults = cls()
+        for key, value in values.items():  # the type of each field's default; an int may stand for a float
+            want = type(getattr(defaults, key))
+            if want is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as text
+                try:
+                    value = values[key] = float(value)
+                except ValueError:
+                    pass
+            ok = (isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+                  or (want is float and isinstance(value, int) and not isinstance(value, bool)))
+            if want is tuple:
+                inner = type(getattr(defaults, key)[0])
+                ok = ok and len(value) > 0 and all(type(v) is inner for v in value)
+            if want in (int, float) and ok and not (math.isfinite(value) and value >= 0):
+                ok = False  # every number of a world recipe is a count, a rate or a size
+            if not ok:
+                raise ValueError(f"world recipe {key}: {value!r} is not like its default {getattr(defaults, key)!r}")
         return cls(**values)
 
     @classmethod
