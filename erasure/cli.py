@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     except ErasureError as e:
         print(f"erasure: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: keep the traceback
+            raise
+        # a folder that is a file, a disk that is full, a path not writable: the user's to fix
+        target = f"{e.filename}" + (f" → {e.filename2}" if e.filename2 else "")
+        print(f"erasure: error: {target}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _bench_micro(args) -> None:

@@ -214,6 +214,8 @@ OTHER_CASES = {
                                           "world recipe steps: 'abc' is not like its default 3000"),
     "report: not a report": (lambda t, m: ["report", str(_write(t / "r" / "report.json", "[1]").parent)],
                              "is not a report `erasure eval` wrote"),
+    "prompts: --out is a file": (lambda t, m: ["prompts", "build", _spec(t), "--out", str(_write(t / "f", "x"))],
+                                 "/f: "),
     "prompts: openai without a base URL": (lambda t, m: ["prompts", "build", _spec(t), "--out", str(t / "p"),
                                                          "--llm", "openai", "--model", "gpt"], "--base-url"),
 }
