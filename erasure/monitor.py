@@ -150,7 +150,9 @@ class Monitor:
     # ---- sampling: the pipeline's own sampler on the weights being trained --------------------------
     @torch.no_grad()
     def _sample(self, prompts: list[str], seeds: list[int]) -> list:
-        from erasure.data.generate import sample_images
+        from PIL import Image
+
+        from erasure.generation import draw_batched
 
         if not prompts:
             return []
@@ -164,10 +166,8 @@ class Monitor:
         pipe.set_progress_bar_config(disable=True)
         try:
             with self.accelerator.autocast():
-                images = []
-                for start in range(0, len(prompts), 16):
-                    images += sample_images(pipe, prompts[start:start + 16], seeds[start:start + 16],
-                                            steps=self.steps, guidance=self.guidance, size=None, device=device)[0]
+                arrays, _ = draw_batched(pipe, prompts, seeds, steps=self.steps, guidance=self.guidance)
+            images = [Image.fromarray(a) for a in arrays]
         finally:
             model.train(was_training)
             for module in parked:

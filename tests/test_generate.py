@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import run_recipe
@@ -197,3 +198,29 @@ def test_monitor_finds_the_held_out_split_beside_a_generated_set(tiny_sd1, tmp_p
     assert held_out_beside(str(out)) == test.resolve()
     TrainConfig(**recipe)  # no monitor_prompts needed now
     assert held_out_beside(str(tmp_path / "prompts")) is None  # no generation.json: nothing to go by
+
+
+def test_one_routine_draws_each_image_from_its_own_seed_whatever_the_batch(tiny_sd1):
+    import numpy as np
+
+    from erasure.data.generate import load_pipeline
+    from erasure.generation import draw, draw_batched, initial_noise
+
+    pipe = load_pipeline(tiny_sd1, "cpu", "float32")
+    prompts, seeds = ["a nude person", "a person", "a cat"], [5, 6, 7]
+    together, finite = draw(pipe, prompts, seeds, steps=2, guidance=5.0, size=32)
+    one_by_one, _ = draw_batched(pipe, prompts, seeds, steps=2, guidance=5.0, size=32, batch_size=1)
+    assert together.dtype == np.uint8 and together.shape == (3, 32, 32, 3) and finite == [True] * 3
+    # the noise is the same whatever the batch; batched kernels may round a last bit differently
+    assert torch.equal(initial_noise(pipe, seeds, 32)[1], initial_noise(pipe, seeds[1:2], 32)[0])
+    assert np.abs(together.astype(int) - one_by_one.astype(int)).max() <= 1
+    assert not np.array_equal(together[0], draw(pipe, prompts[:1], [8], steps=2, guidance=5.0, size=32)[0][0])
+
+
+def test_python_dash_m_erasure_is_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "erasure", "tiny", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "sd1" in done.stdout

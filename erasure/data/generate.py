@@ -22,6 +22,7 @@ from pathlib import Path
 
 from erasure.data.paired import numbered_jsonl
 from erasure.atomic import TMP_SUFFIX, write_atomically
+from erasure.generation import Job, native_size, render
 from erasure.config import MAX_SEED
 from erasure.errors import DataError, RecipeError
 
@@ -83,27 +84,6 @@ def load_pipeline(folder: Path, device: str, dtype: str):
     pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, dtype=getattr(torch, dtype), **extra)
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per call
     return pipe.to(torch.device(device))
-
-
-def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int | None,
-                  device) -> tuple[list, list[bool]]:
-    """One call of the pipeline's own sampler; image j comes from a generator seeded by ``seeds[j]``,
-    so it gets the same noise in any batch, on any rerun. Returns PIL images and, per image, whether
-    its pixels were finite: a NaN image would otherwise be saved as black and pass for a clean one."""
-    import numpy as np
-    import torch
-
-    size = size or native_size(pipe)
-    arrays = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                  generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds],
-                  output_type="np").images
-    finite = [bool(np.isfinite(a).all()) for a in arrays]
-    return pipe.numpy_to_pil(np.nan_to_num(arrays, nan=0.0, posinf=0.0, neginf=0.0)), finite
-
-
-def native_size(pipe) -> int:
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-    return denoiser.config.sample_size * pipe.vae_scale_factor
 
 
 def _check_settings(path: Path, settings: dict) -> None:
@@ -197,25 +177,24 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
         for side in SIDES:  # the folders are about to change: no longer look finished
             (out / side / "metadata.jsonl").unlink(missing_ok=True)
 
-    def batches(side):
-        return [(side, todo[side][s:s + batch_size]) for s in range(0, len(todo[side]), batch_size)]
+    def chunks(side):
+        return [[Job(out / side / f"{i:06d}_{k}.png", pairs[i][f"{side}_prompt"], image_seed(i, k), guidance)
+                 for i, k in todo[side][s:s + batch_size]] for s in range(0, len(todo[side]), batch_size)]
+
+    def refuse_nonfinite(batch, finite):
+        if not all(finite):
+            job = batch[finite.index(False)]
+            raise DataError(f"model: {model} draws NaN or inf for {job.prompt!r} ({job.path.name}); its weights "
+                            "are broken (a diverged run?) — nothing was written for it")
 
     total = 2 * len(jobs)
     bar = tqdm(total=total, initial=total - len(todo["forget"]) - len(todo["retain"]),
                desc="generating pairs", unit="image", disable=not show_progress)
     # Forget and retain batches alternate, so a killed run leaves mostly complete twins behind.
-    for batch in (b for twins in zip_longest(batches("forget"), batches("retain")) for b in twins if b):
-        side, chunk = batch
-        images, finite = sample_images(pipe, [pairs[i][f"{side}_prompt"] for i, _ in chunk],
-                                       [image_seed(i, k) for i, k in chunk], steps=steps, guidance=guidance,
-                                       size=settings["size"], device=device)
-        if not all(finite):
-            i, _ = chunk[finite.index(False)]
-            raise DataError(f"model: {model} draws NaN or inf for pair {i} ({pairs[i][f'{side}_prompt']!r}); its "
-                            f"weights are broken (a diverged run?) — nothing was written for it")
-        for (i, k), image in zip(chunk, images):
-            write_atomically(out / side / f"{i:06d}_{k}.png", lambda f, im=image: im.save(f, format="PNG"))
-        bar.update(len(chunk))
+    ordered = [job for twins in zip_longest(chunks("forget"), chunks("retain")) for chunk in twins if chunk
+               for job in chunk]
+    render(pipe, ordered, steps=steps, size=settings["size"], batch_size=batch_size, bar=bar,
+           on_drawn=refuse_nonfinite)
     bar.close()
 
     for side in SIDES:

@@ -26,7 +26,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from erasure.atomic import write_atomically
-from erasure.data.generate import load_pipeline, native_size, sample_images
+from erasure.data.generate import load_pipeline
+from erasure.generation import Job, native_size, render
 from erasure.backbones import weights_sha256
 from erasure.data.paired import numbered_jsonl
 from erasure.errors import DataError, ModelError
@@ -149,27 +150,23 @@ def generate_images(model: str, items: list[dict], generation: dict, out: Path, 
     todo = [r for r in records if not (same(r) and _readable(out / r["file_name"]))]
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"generating {out.name}",
                unit="image", disable=not show)
+    pipe = None
     if todo:
         pipe = load_pipeline(folder, device, dtype)
         run = {**identity, "folder": str(folder), "sampler": type(pipe.scheduler).__name__,
                "size": generation["size"] or native_size(pipe)}
         write_atomically(run_file, lambda f: f.write(json.dumps(run).encode()))
-    # Images of one call share a guidance scale; I2P's per-prompt scales split the batches.
-    start = 0
-    while start < len(todo):
-        batch = [todo[start]]
-        while (len(batch) < generation["batch_size"] and start + len(batch) < len(todo)
-               and todo[start + len(batch)]["guidance"] == batch[0]["guidance"]):
-            batch.append(todo[start + len(batch)])
-        images, finite = sample_images(pipe, [r["prompt"] for r in batch], [r["seed"] for r in batch],
-                                       steps=generation["steps"], guidance=batch[0]["guidance"], size=run["size"],
-                                       device=device)
-        for record, image, ok in zip(batch, images, finite):
-            write_atomically(out / record["file_name"], lambda f, im=image: im.save(f, format="PNG"))
-            made[record["file_name"]] = {**record, "finite": ok}
+    # I2P's per-prompt guidance scales split the batches (erasure.generation.render).
+    by_path = {out / r["file_name"]: r for r in todo}
+
+    def record(batch, finite):
+        for job, ok in zip(batch, finite):
+            made[job.path.name] = {**by_path[job.path], "finite": ok}
         _write_index(index, made)
-        bar.update(len(batch))
-        start += len(batch)
+
+    render(pipe, [Job(out / r["file_name"], r["prompt"], r["seed"], r["guidance"]) for r in todo],
+           steps=generation["steps"], size=run["size"], batch_size=generation["batch_size"], bar=bar,
+           on_written=record)
     bar.close()
     records = [made[r["file_name"]] for r in records]
     _write_index(index, {r["file_name"]: r for r in records})

@@ -440,22 +440,17 @@ def assemble_pipeline(recipe: WorldRecipe, vae, text_encoder, unet):
 @torch.no_grad()
 def sample(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float, batch_size: int = 64,
            show_progress: bool = False) -> np.ndarray:
-    """uint8 N×32×32×3 images for ``prompts``, each from its own seeded generator (batch-size independent)."""
+    """uint8 N×32×32×3 images for ``prompts``, image i from seed ``seed + i`` (erasure.generation.draw)."""
     from tqdm.auto import tqdm
 
-    out = []
-    device = pipe.device
+    from erasure.generation import draw
+
+    out = [np.zeros((0, SIZE, SIZE, 3), np.uint8)]
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not show_progress):
         chunk = prompts[start : start + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
-        latents = torch.stack([
-            torch.randn(pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size,
-                        generator=g) for g in gens
-        ]).to(device, pipe.unet.dtype)
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
-                      output_type="np", height=SIZE, width=SIZE).images
-        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out) if out else np.zeros((0, SIZE, SIZE, 3), np.uint8)
+        out.append(draw(pipe, chunk, [seed + start + i for i in range(len(chunk))], steps=steps,
+                        guidance=guidance_scale, size=SIZE)[0])
+    return np.concatenate(out)
 
 
 def read_back(oracle: Oracle, images: np.ndarray, attrs: list[dict]) -> dict[str, float]:
