@@ -1,6 +1,7 @@
 """Writing so that a crash at any moment leaves the complete old file or folder or the complete new one.
 
-`write_atomically` writes a file beside its target and renames it over. `replace_folder` does the
+`write_atomically` writes a file beside its target and renames it over; `build_atomically` builds a
+folder (a cache entry, a checkpoint) beside its target and renames it into place. `replace_folder` does the
 same for a whole folder (an export): the new folder is written beside the target (same parent, so
 the same file system), then the two are exchanged in one `renameat2(RENAME_EXCHANGE)` call where
 Linux offers it. Elsewhere the old folder is first renamed aside to `.NAME.old` and the new one
@@ -16,6 +17,7 @@ import math
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
@@ -102,3 +104,24 @@ def write_atomically(path: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def build_atomically(target: Path, builder) -> Path:
+    """Build into a temporary sibling and rename, so a crash or a second process (another DDP
+    rank) never sees a half-written folder. Returns the finished folder."""
+    target = Path(target)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        builder(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.exists():  # lost a race to another process, which is fine; else re-raise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from erasure.atomic import replace_folder
 from erasure.errors import DataError, one_line
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -54,9 +55,7 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
              "scaler": scaler.state_dict() if scaler is not None else None, **record}
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
     target = root / f"checkpoint-{step}"
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    replace_folder(tmp, target)
     if total_limit:
         for old in checkpoints(root)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)

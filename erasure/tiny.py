@@ -259,27 +259,3 @@ TINY_BUILDERS = {
     "sd1-v": lambda out, seed=0: build_tiny_sd1(out, seed, prediction_type="v_prediction"),
     "sd3": build_tiny_sd3,
 }
-
-
-def build_atomically(target: Path, builder) -> Path:
-    """Build into a temporary sibling and rename, so a crash or a second process (another DDP
-    rank) never sees a half-written folder. Returns the finished folder."""
-    import shutil
-    import tempfile
-
-    target = Path(target)
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-    try:
-        builder(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.exists():  # lost a race to another process, which is fine; else re-raise
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

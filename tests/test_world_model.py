@@ -66,7 +66,7 @@ def test_world_build_is_complete_loadable_and_reproducible(tmp_path, capsys):
     record = json.loads((tmp_path / "a" / world.WORLD_FILE).read_text())
     assert record["recipe"]["steps"] == 3 and len(record["held_out_captions"]) == 8
     assert set(record["quality_held_out"]) == set(ATTRIBUTES)
-    assert not (tmp_path / "a.partial").exists()
+    assert not list(tmp_path.glob(".a.*"))  # no staging folder left beside it
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                  "text_encoder/model.safetensors", "oracle/model.safetensors"):
         a, b = load_file(str(tmp_path / "a" / part)), load_file(str(tmp_path / "b" / part))

@@ -31,7 +31,8 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     shipped with the package, hub ids are downloaded
     (or found in the hub cache; HF_TOKEN is read by huggingface_hub from the environment)."""
     if model.startswith("tiny:"):
-        from erasure.tiny import TINY_BUILDERS, build_atomically
+        from erasure.atomic import build_atomically
+        from erasure.tiny import TINY_BUILDERS
 
         name = model.removeprefix("tiny:")
         if name not in TINY_BUILDERS:

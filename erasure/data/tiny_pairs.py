@@ -53,6 +53,6 @@ def _build(folder: Path, pairs: int = 16, seed: int = 0):
 def tiny_pairs() -> Path:
     """The folder holding forget/ and retain/, built in the erasure cache if missing."""
     from erasure.backbones import cache_dir
-    from erasure.tiny import build_atomically
+    from erasure.atomic import build_atomically
 
     return build_atomically(cache_dir() / "tiny" / "pairs", _build)

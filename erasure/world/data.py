@@ -41,7 +41,7 @@ def spec_path(concept: str) -> Path:
 def world_pairs(name: str) -> Path:
     """The folder holding forget/ and retain/ for set ``name`` (built in the erasure cache if missing)."""
     from erasure.backbones import cache_dir, weights_sha256
-    from erasure.tiny import build_atomically
+    from erasure.atomic import build_atomically
     from erasure.world.model import world_path
 
     concept, uniform = name.removesuffix("-uniform"), name.endswith("-uniform")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from erasure.atomic import replace_folder, staging_beside
 from erasure.errors import ModelError
 
 from .oracle import Oracle, accuracy, load_oracle, save_oracle, to_tensor, train_oracle
@@ -489,8 +490,6 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
     The folder is written next to ``out`` and renamed into place at the end, so an interrupted
     build leaves no half-written world. Returns the record also written to ``world.json``.
     """
-    import shutil
-
     from PIL import Image
 
     from ..export import versions
@@ -548,10 +547,7 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
             tmp / "held_out_samples.png")
         (tmp / WORLD_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    staging = staging_beside(out, "build")
+    write(staging)
+    replace_folder(staging, out)
     return record
