@@ -20,6 +20,15 @@ import torch
 from erasure.atomic import write_atomically
 
 
+def process_state():
+    """accelerate's view of the processes this command runs in (one, unless started by `accelerate
+    launch` or torchrun). `Accelerator` reads ACCELERATE_USE_CPU itself; `PartialState` must be told."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def denoiser(pipe):
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
@@ -75,20 +84,30 @@ class Job:
     guidance: float
 
 
+def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Consecutive jobs in groups of up to ``batch_size``; a group never mixes guidance scales."""
+    groups = []
+    for job in jobs:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0].guidance == job.guidance:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
 def render(pipe, jobs: list[Job], *, steps: int, size: int | None, batch_size: int, bar=None,
-           on_drawn=None, on_written=None) -> None:
+           on_drawn=None, on_written=None, process: tuple[int, int] = (0, 1)) -> None:
     """Draw every job's image into its path as PNG (each written atomically: a killed run leaves
-    only complete files), batch by batch; a batch never mixes guidance scales. ``on_drawn(batch,
-    finite)`` runs before the batch is written (it may refuse it by raising), ``on_written(batch,
-    finite)`` once it is on disk (bookkeeping)."""
+    only complete files), batch by batch. ``on_drawn(batch, finite)`` runs before a batch is written
+    (it may refuse it by raising), ``on_written(batch, finite)`` once it is on disk (bookkeeping).
+
+    ``process = (index, count)``: the batches are formed over all jobs, then dealt out in turn, so
+    each image is drawn in the same batch whatever the number of processes — and is the same to the
+    byte on the same kind of device."""
     from PIL import Image
 
-    start = 0
-    while start < len(jobs):
-        batch = [jobs[start]]
-        while (len(batch) < batch_size and start + len(batch) < len(jobs)
-               and jobs[start + len(batch)].guidance == batch[0].guidance):
-            batch.append(jobs[start + len(batch)])
+    index, count = process
+    for batch in batches(jobs, batch_size)[index::count]:
         images, finite = draw(pipe, [j.prompt for j in batch], [j.seed for j in batch], steps=steps,
                               guidance=batch[0].guidance, size=size)
         if on_drawn is not None:
@@ -99,4 +118,3 @@ def render(pipe, jobs: list[Job], *, steps: int, size: int | None, batch_size: i
             on_written(batch, finite)
         if bar is not None:
             bar.update(len(batch))
-        start += len(batch)

@@ -74,3 +74,29 @@ def test_monitor_under_two_processes_scores_what_one_process_scores(tmp_path):
     assert [c["step"] for c in one] == [c["step"] for c in two] == [0, 2]
     assert one[0] == two[0]  # the base world: the same images, read the same
     assert set(one[0]["world"]) >= {"UA", "implicit_UA", "neighbour_accuracy", "RA"}
+
+
+def test_data_generate_on_two_processes_equals_one_process_byte_for_byte(tiny_sd1, tmp_path):
+    """Each process draws every second batch; the batches are the same as one process's, so the images are too."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"forget_prompt": "a nude person {i}", "retain_prompt": "a person {i}"}}\n'
+                             for i in range(5)))
+    common = ["-m", "erasure", "data", "generate", "--prompts", str(pairs), "--model", str(tiny_sd1), "--steps", "2",
+              "--size", "32", "--batch-size", "2"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # One CPU thread each (torchrun's default for several processes): a CPU kernel's summation order,
+    # and so a pixel's last bit, depends on the thread count, not on the number of processes.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    for run, launcher in (("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                                   "127.0.0.1", "--master_port", str(port)]), ("one", [])):
+        done = subprocess.run([sys.executable, *launcher, *common, "--out", str(tmp_path / run)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("2 processes; main's share shown" in done.stderr) == (run == "two")  # really split
+    for side in ("forget", "retain"):
+        one, two = (sorted(p.name for p in (tmp_path / run / side).iterdir()) for run in ("one", "two"))
+        assert one == two and len(one) == 6  # five PNGs and metadata.jsonl
+        for name in one:
+            assert (tmp_path / "one" / side / name).read_bytes() == (tmp_path / "two" / side / name).read_bytes()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from erasure.data.paired import numbered_jsonl
 from erasure.atomic import TMP_SUFFIX, write_atomically
-from erasure.generation import Job, native_size, render
+from erasure.generation import Job, native_size, process_state, render
 from erasure.config import MAX_SEED
 from erasure.errors import DataError, RecipeError
 
@@ -125,7 +125,6 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
     Image k of pair i (i counts the file's non-blank lines from 0) is `{i:06d}_{k}.png` on both
     sides, rendered from seed `seed * 1_000_003 + i * images_per_prompt + k`. `steps` and `guidance`
     default to the model's own sampler (a micro world's recorded one; SD's 50 steps at 7.5)."""
-    import torch
     from tqdm.auto import tqdm
 
     from erasure.backbones import resolve_model, weights_sha256
@@ -145,9 +144,12 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
 
     if Path(model).expanduser().is_dir():  # a local folder is recorded absolute, so reruns match
         model = str(Path(model).expanduser().resolve())
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Under `accelerate launch` / torchrun each process draws its share of the batches on its own
+    # device; the main process alone writes the records.
+    state = process_state()
+    device = device or str(state.device)
     if dtype == "auto":  # half precision where it is fast and usual (GPUs), full where it is not
-        dtype = "float32" if torch.device(device).type == "cpu" else "float16"
+        dtype = "float32" if device.startswith("cpu") else "float16"
     pipe = load_pipeline(folder, device, dtype)
     settings = {
         "model": model, "weights_sha256": weights_sha256(folder), "steps": int(steps), "guidance": float(guidance),
@@ -157,15 +159,18 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
         "prompts_sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest(),
         "count": len(pairs), "device": device,
     }
-    _check_settings(out / "generation.json", settings)
-    for side in SIDES:
-        (out / side).mkdir(parents=True, exist_ok=True)
-    # A killed run's partial writes (never seen under a final name, but not left lying around).
-    for stray in [*out.glob(f".generation.json.*{TMP_SUFFIX}"),
-                  *(s for side in SIDES for s in (out / side).glob(f".*{TMP_SUFFIX}"))]:
-        stray.unlink(missing_ok=True)
-    # Written before any image, so every PNG in the folder was made with recorded settings.
-    _write_json(out / "generation.json", settings)
+    _check_settings(out / "generation.json", settings)  # every process: each refuses alike
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for side in SIDES:
+            (out / side).mkdir(parents=True, exist_ok=True)
+        # A killed run's partial writes (never seen under a final name, but not left lying around).
+        for stray in [*out.glob(f".generation.json.*{TMP_SUFFIX}"),
+                      *(s for side in SIDES for s in (out / side).glob(f".*{TMP_SUFFIX}"))]:
+            stray.unlink(missing_ok=True)
+        # Written before any image, so every PNG in the folder was made with recorded settings.
+        _write_json(out / "generation.json", settings)
+    state.wait_for_everyone()
 
     def image_seed(i: int, k: int) -> int:
         return seed * 1_000_003 + i * images_per_prompt + k
@@ -173,7 +178,8 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
     jobs = [(i, k) for i in range(len(pairs)) for k in range(images_per_prompt)]
     todo = {side: [(i, k) for i, k in jobs if not (out / side / f"{i:06d}_{k}.png").exists()]
             for side in SIDES}
-    if todo["forget"] or todo["retain"]:
+    state.wait_for_everyone()  # every process has seen what is missing before anything changes
+    if (todo["forget"] or todo["retain"]) and state.is_main_process:
         for side in SIDES:  # the folders are about to change: no longer look finished
             (out / side / "metadata.jsonl").unlink(missing_ok=True)
 
@@ -189,13 +195,18 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
 
     total = 2 * len(jobs)
     bar = tqdm(total=total, initial=total - len(todo["forget"]) - len(todo["retain"]),
-               desc="generating pairs", unit="image", disable=not show_progress)
+               desc="generating pairs" + (f" ({state.num_processes} processes; main's share shown)"
+                                          if state.num_processes > 1 else ""),
+               unit="image", disable=not (show_progress and state.is_main_process))
     # Forget and retain batches alternate, so a killed run leaves mostly complete twins behind.
     ordered = [job for twins in zip_longest(chunks("forget"), chunks("retain")) for chunk in twins if chunk
                for job in chunk]
     render(pipe, ordered, steps=steps, size=settings["size"], batch_size=batch_size, bar=bar,
-           on_drawn=refuse_nonfinite)
+           on_drawn=refuse_nonfinite, process=(state.process_index, state.num_processes))
     bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return out
 
     for side in SIDES:
         rows = []
