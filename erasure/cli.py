@@ -126,6 +126,8 @@ def _eval(args) -> None:
                                                          ("reference", args.fid_reference)) if v}
     suite = load_suite(args.suite, overrides)
     report = evaluate(suite, args.model, args.out)
+    if report is None:  # another process than the main one: it drew its share, the main one reports
+        return
     from erasure.eval.report import tables
 
     print("\n".join(tables(report)))

@@ -100,3 +100,28 @@ def test_data_generate_on_two_processes_equals_one_process_byte_for_byte(tiny_sd
         assert one == two and len(one) == 6  # five PNGs and metadata.jsonl
         for name in one:
             assert (tmp_path / "one" / side / name).read_bytes() == (tmp_path / "two" / side / name).read_bytes()
+
+
+def test_eval_on_two_processes_equals_one_process(tiny_sd1, tmp_path):
+    """Both processes draw, the main one scores: the same images, byte for byte, and the same report."""
+    import json
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("prompts: {classes: [cat, dog, car], template: 'a photo of a {}', seed: 0, guidance: 5.0}\n"
+                     "generation: {steps: 2, size: 32, batch_size: 2}\nmetrics: {nudenet: {}}\n")
+    common = ["-m", "erasure", "eval", "--suite", str(suite), "--model", str(tiny_sd1)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # as in the test above
+    for run, launcher in (("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                                   "127.0.0.1", "--master_port", str(port)]), ("one", [])):
+        done = subprocess.run([sys.executable, *launcher, *common, "--out", str(tmp_path / run)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("## NudeNet") == 1  # one report, printed by the main process
+    images = {run: {p.name: p.read_bytes() for p in (tmp_path / run / "images" / "0-sd1").glob("*.png")}
+              for run in ("one", "two")}
+    assert len(images["one"]) == 3 and images["one"] == images["two"]
+    reports = [json.loads((tmp_path / run / "report.json").read_text())["models"][0] for run in ("one", "two")]
+    assert reports[0]["metrics"] == reports[1]["metrics"] and reports[0]["weights_sha256"] == reports[1]["weights_sha256"]

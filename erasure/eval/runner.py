@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from erasure.atomic import write_atomically
 from erasure.data.generate import load_pipeline
-from erasure.generation import Job, native_size, render
+from erasure.generation import Job, native_size, process_state, render
 from erasure.backbones import weights_sha256
 from erasure.data.paired import numbered_jsonl
 from erasure.errors import DataError, ModelError
@@ -107,34 +107,40 @@ def _read_json(path: Path):
         return None
 
 
-def generate_images(model: str, items: list[dict], generation: dict, out: Path, show: bool = True) -> tuple[list[dict], dict]:
+def generate_images(model: str, items: list[dict], generation: dict, out: Path, show: bool = True,
+                    state=None) -> tuple[list[dict], dict]:
     """Render every item's images (resuming); returns one record per image and the sampler used.
 
     A folder's images are reused only when they are this model's: the weights (by hash) and the
     sampler settings recorded in generation.json must match, and each image's prompt, seed and
     guidance in metadata.jsonl. Anything else is rendered again. generation.json is written before
-    the first image and metadata.jsonl after every batch, so each image on disk is described."""
-    import torch
-
+    the first image and metadata.jsonl after every batch, so each image on disk is described.
+    Under several processes each draws its share of the batches; the main process keeps the records."""
     from erasure.backbones import resolve_model
 
+    state = state or process_state()
+    main = state.is_main_process
     folder = resolve_model(model)
-    out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = state.device
     dtype = generation["dtype"]
     if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "float16"
-    identity = _identity(folder, generation, dtype, device)
+        dtype = "float32" if device.type == "cpu" else "float16"
+    identity = _identity(folder, generation, dtype, device.type)
     run_file, index = out / "generation.json", out / "metadata.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
     run = _read_json(run_file)
-    if not isinstance(run, dict) or {k: run.get(k) for k in identity} != identity:
-        if run is not None or any(out.iterdir()):
-            changed = [k for k in identity if not isinstance(run, dict) or run.get(k) != identity[k]]
-            print(f"{out}: images made by other weights or settings ({', '.join(changed)}); rendering them again")
-        for stale in out.iterdir():
-            if stale.is_file():
-                stale.unlink()
+    stale = not isinstance(run, dict) or {k: run.get(k) for k in identity} != identity
+    state.wait_for_everyone()  # every process has read the records before the main one changes them
+    if stale:
+        if main:
+            if run is not None or any(out.iterdir()):
+                changed = [k for k in identity if not isinstance(run, dict) or run.get(k) != identity[k]]
+                print(f"{out}: images made by other weights or settings ({', '.join(changed)}); rendering them again")
+            for old in out.iterdir():
+                if old.is_file():
+                    old.unlink()
         run = None
+    state.wait_for_everyone()
     made = {}
     if run is not None and index.is_file():
         made = {r["file_name"]: r for r in _jsonl_objects(index)}
@@ -149,27 +155,40 @@ def generate_images(model: str, items: list[dict], generation: dict, out: Path, 
 
     todo = [r for r in records if not (same(r) and _readable(out / r["file_name"]))]
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"generating {out.name}",
-               unit="image", disable=not show)
+               unit="image", disable=not (show and main))
     pipe = None
     if todo:
-        pipe = load_pipeline(folder, device, dtype)
+        pipe = load_pipeline(folder, str(device), dtype)
         run = {**identity, "folder": str(folder), "sampler": type(pipe.scheduler).__name__,
                "size": generation["size"] or native_size(pipe)}
-        write_atomically(run_file, lambda f: f.write(json.dumps(run).encode()))
+        if main:
+            write_atomically(run_file, lambda f: f.write(json.dumps(run).encode()))
+    state.wait_for_everyone()
     # I2P's per-prompt guidance scales split the batches (erasure.generation.render).
     by_path = {out / r["file_name"]: r for r in todo}
+    mine = {}
 
     def record(batch, finite):
         for job, ok in zip(batch, finite):
-            made[job.path.name] = {**by_path[job.path], "finite": ok}
-        _write_index(index, made)
+            mine[job.path.name] = made[job.path.name] = {**by_path[job.path], "finite": ok}
+        if main:
+            _write_index(index, made)
 
     render(pipe, [Job(out / r["file_name"], r["prompt"], r["seed"], r["guidance"]) for r in todo],
            steps=generation["steps"], size=run["size"], batch_size=generation["batch_size"], bar=bar,
-           on_written=record)
+           on_written=record, process=(state.process_index, state.num_processes))
     bar.close()
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for theirs in gather_object([mine]):
+            made.update(theirs)
+        if run is None:  # nothing to render here, but another process may have: read what it wrote
+            run = _read_json(run_file)
     records = [made[r["file_name"]] for r in records]
-    _write_index(index, {r["file_name"]: r for r in records})
+    if main:
+        _write_index(index, {r["file_name"]: r for r in records})
+    state.wait_for_everyone()
     return records, run
 
 
@@ -281,8 +300,10 @@ def versions() -> dict:
     return installed(("erasure", "torch", "diffusers", "nudenet", "open_clip_torch", "onnxruntime"))
 
 
-def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True) -> dict:
-    """Generate, score and report; returns the report dict (also DIR/report.json, report.md, *.png)."""
+def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True) -> dict | None:
+    """Generate, score and report; returns the report dict (also DIR/report.json, report.md, *.png).
+    Under several processes every one draws its share of the images and the main process scores
+    and reports (the others return None)."""
     from erasure.eval.report import write_report
 
     from erasure.backbones import resolve_model
@@ -297,11 +318,14 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
     if not items:
         raise DataError(f"suite {suite['file']}: no prompts to evaluate")
     names = _model_names(models)
+    state = process_state()
     results = []
     scorers, oracle, reference, fid_reference = {}, None, None, {}
     for name, model in zip(names, models):
         folder_out = out / "images" / name
-        records, run = generate_images(model, items, suite["generation"], folder_out, show)
+        records, run = generate_images(model, items, suite["generation"], folder_out, show, state)
+        if not state.is_main_process:  # every process draws; the main one scores and reports
+            continue
         paths = [folder_out / r["file_name"] for r in records]
         metrics = {}
         blank = blank_images(records, paths)
@@ -337,6 +361,8 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
                                                            [r["prompt"] for r in records])
                 reference = features if reference is None else reference
                 metrics[metric]["frechet_to_first"] = frechet_between(features, reference)
+    if not state.is_main_process:
+        return None
     if "clip_alignment" in suite["metrics"] and "clip_alignment" in results[0]["metrics"]:
         first = results[0]["metrics"]["clip_alignment"]["mean"]
         for r in results:
