@@ -4,7 +4,7 @@
     python benchmarks/world_recipe_search.py prep DIR --round ROUND [--device cuda] [--crisp-oracle]
     python benchmarks/world_recipe_search.py run DIR NAME [--device cuda]        # NAME: a config of a round
     python benchmarks/world_recipe_search.py confusion WORLD_DIR                   # texture confusions of a built world
-    python benchmarks/world_recipe_search.py confusion PIPE --all --seeds 0 5000 [--guidance 1]
+    python benchmarks/world_recipe_search.py confusion PIPE --all --seeds 0 5000 [--guidance 1] [--attribute shape]
                                               # every named caption, per seed (an erased pipeline too)
     python benchmarks/world_recipe_search.py speed                                 # CPU step time, 2 threads
 
@@ -145,10 +145,11 @@ def run(shared: Path, name: str, device: str) -> None:
 
 
 def confusion(folder: Path, every: bool = False, seeds: tuple[int, ...] = (1000,),
-              guidance: float | None = None) -> None:
-    """Prompted → read texture counts of a world pipeline (a built world, or an erasure's export: its own
-    oracle, else the shipped world's): on 160 training captions, or with ``every`` on all 480 named
-    captions; one table per sampler seed, at the world's guidance unless ``guidance`` is given."""
+              guidance: float | None = None, attribute: str = "texture") -> None:
+    """Prompted → read counts of one attribute (texture unless told) for a world pipeline (a built world,
+    or an erasure's export: its own oracle, else the shipped world's): on 160 training captions, or
+    with ``every`` on all 480 named captions (seed s + i for caption i, as `erasure eval` draws them);
+    one table per sampler seed, at the world's guidance unless ``guidance`` is given."""
     from collections import Counter
 
     import numpy as np
@@ -171,7 +172,7 @@ def confusion(folder: Path, every: bool = False, seeds: tuple[int, ...] = (1000,
         images = world.sample(pipe, [caption(c) for c in combos], seed, steps,
                               world_guidance if guidance is None else guidance)
         read = oracle.predict(images)
-        counts = Counter((c["texture"], r["texture"]) for c, r in zip(combos, read))
+        counts = Counter((c[attribute], r[attribute]) for c, r in zip(combos, read))
         print(f"sampler seed {seed}")
         for (asked, seen), n in sorted(counts.items()):
             print(f"{asked:>10} → {seen:<10} {n}")
@@ -216,6 +217,7 @@ if __name__ == "__main__":
     c.add_argument("--all", action="store_true", help="all 480 named captions, not 160 training ones")
     c.add_argument("--seeds", type=int, nargs="+", default=[1000])
     c.add_argument("--guidance", type=float)
+    c.add_argument("--attribute", default="texture", choices=sorted(world.ATTRIBUTES))
     sub.add_parser("speed")
     args = parser.parse_args()
     if args.command == "prep":
@@ -223,6 +225,6 @@ if __name__ == "__main__":
     elif args.command == "run":
         run(args.dir, args.name, args.device)
     elif args.command == "confusion":
-        confusion(args.world, args.all, tuple(args.seeds), args.guidance)
+        confusion(args.world, args.all, tuple(args.seeds), args.guidance, args.attribute)
     else:
         speed()

@@ -63,15 +63,13 @@ def draw(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: fl
 def draw_batched(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
                  size: int | None = None, batch_size: int = 16) -> tuple[np.ndarray, list[bool]]:
     """`draw` in batches of ``batch_size`` (the images do not depend on it)."""
-    images, finite = [], []
+    side = size or native_size(pipe)
+    images, finite = [np.zeros((0, side, side, 3), np.uint8)], []
     for start in range(0, len(prompts), batch_size):
         part, ok = draw(pipe, prompts[start:start + batch_size], seeds[start:start + batch_size], steps=steps,
-                        guidance=guidance, size=size)
+                        guidance=guidance, size=side)
         images.append(part)
         finite += ok
-    if not images:
-        side = size or native_size(pipe)
-        return np.zeros((0, side, side, 3), np.uint8), []
     return np.concatenate(images), finite
 
 

@@ -293,15 +293,20 @@ class Erasure:
         self.optimizer.zero_grad(set_to_none=False)
         return log
 
-    def diverged(self, log: dict) -> str | None:
-        """What went non-finite in this step — a loss or the updated weights — or None. Checked every
-        step: one NaN makes every later weight NaN, and the export would draw black images that an
-        evaluation reads as a perfect erasure."""
+    def diverged(self, log: dict, weights: bool = False) -> str | None:
+        """What went non-finite — a loss of this step, or with ``weights`` the trainable weights — or
+        None. One NaN makes every later weight NaN, and the export would draw black images that an
+        evaluation reads as a perfect erasure. The losses (already on the host) are read every step;
+        a non-finite update shows in the next step's loss, so the weights themselves are read only
+        where they are about to be kept: before a checkpoint and before the export (every process
+        calls it then: sharded weights must all agree)."""
         for name, value in log.items():
             if value is not None and not math.isfinite(value):
                 return f"the {name.replace('_', ' ')} is {value}"
+        if not weights:
+            return None
         finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all().float().reshape(1)
-        if self.accelerator.num_processes > 1:  # sharded weights: every process must agree
+        if self.accelerator.num_processes > 1:
             finite = self.accelerator.reduce(finite.to(self.device), "min")
         return None if finite.item() else "the updated weights hold NaN or inf"
 
@@ -470,6 +475,13 @@ def train(config: TrainConfig) -> Path:
     if monitor and start == 0:  # the base model's point: where the frontier starts
         if meets_stop(monitor.check(0)):
             stopped = monitor.history[-1]
+    def stop_if_diverged(problem: str | None, at_step: int):
+        if problem:
+            kept = checkpoints(out / "checkpoints")
+            raise DivergedError(
+                f"training diverged at step {at_step}: {problem} (learning_rate {config.learning_rate} too high?); "
+                f"nothing was exported" + (f"; the last good checkpoint stays in {kept[-1]}" if kept else ""))
+
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps,
                desc=f"{config.method} [{backbone.family}, {config.scope}]", disable=not main)
     log = {}
@@ -482,12 +494,7 @@ def train(config: TrainConfig) -> Path:
         began = time.perf_counter()
         log = run.step(step)  # ends in .item() of the losses, so the device has finished the step
         step_seconds.append(time.perf_counter() - began)
-        problem = run.diverged(log)
-        if problem:
-            kept = checkpoints(out / "checkpoints")
-            raise DivergedError(
-                f"training diverged at step {step + 1}: {problem} (learning_rate {config.learning_rate} too high?); "
-                f"nothing was exported" + (f"; the last good checkpoint stays in {kept[-1]}" if kept else ""))
+        stop_if_diverged(run.diverged(log), step + 1)
         shown = {k: f"{v:.4f}" for k, v in log.items() if v is not None and "grad" not in k}
         bar.set_postfix(shown, refresh=False)
         accelerator.log({"grad_cosine" if k == "cos" else k if "grad" in k else f"loss/{k}": v
@@ -504,10 +511,12 @@ def train(config: TrainConfig) -> Path:
                               f"at step {done} ({check['detector']}); exporting")
                 break
         if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_steps:
+            stop_if_diverged(run.diverged(log, weights=True), done)
             accelerator.wait_for_everyone()
             if main:
                 _save(run, names, out, done, record)
     bar.close()
+    stop_if_diverged(run.diverged(log, weights=True), (stopped or {}).get("step", config.max_steps))
     accelerator.wait_for_everyone()
 
     timed = step_seconds[1:] or step_seconds  # the first step pays for allocation and autotuning

@@ -342,7 +342,7 @@ def test_exports_and_reports_are_strict_json(tiny_sd1, tmp_path):
     assert strict_json((out / "erasure.json").read_text())["steps"] == 1
 
 
-def test_output_folder_checks_come_before_any_model_loads(tmp_path):
+def test_a_foreign_folder_is_refused_and_left_as_it_was(tmp_path):
     from erasure.export import check_output_dir
 
     with pytest.raises(OutputError, match="not an erasure export"):

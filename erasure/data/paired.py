@@ -80,27 +80,33 @@ def _read_metadata(folder: Path, name: str) -> list[dict]:
     if jsonl.is_file():
         return read_jsonl(jsonl, name)
     if table.is_file():
-        try:
-            with table.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"{name}: {table} is not a UTF-8 CSV table ({one_line(e)})") from None
+        return read_csv(table, name)
     parquet = sorted(folder.glob("*.parquet"))
     if parquet:
-        return _read_parquet(parquet, name)
+        return read_parquet(parquet, name)
     raise DataError(f"{name}: {folder} has no metadata.jsonl, metadata.csv or *.parquet; expected a "
                     "datasets image folder (metadata.jsonl with file_name and prompt columns)")
 
 
-def _read_parquet(files: list[Path], name: str) -> list[dict]:
+def read_csv(path: Path, name: str) -> list[dict]:
+    """Rows of a UTF-8 CSV table with a header; `name` leads every error."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{name}: {path} is not a UTF-8 CSV table ({one_line(e)})") from None
+
+
+def read_parquet(files: list[Path], name: str) -> list[dict]:
+    """Rows of parquet files, in order; `name` leads every error."""
     import pyarrow.parquet as pq
 
     rows = []
     for file in files:
         try:
             rows.extend(pq.read_table(file).to_pylist())
-        except Exception as e:
-            raise DataError(f"{name}: {file} cannot be read as parquet ({e})") from None
+        except Exception as e:  # pyarrow raises its own error types
+            raise DataError(f"{name}: {file} cannot be read as parquet ({one_line(e)})") from None
     return rows
 
 
@@ -138,7 +144,7 @@ def load_prompt_image_set(name: str, source: str, prompt_column: str = "prompt",
         folder = source_path
         rows = _read_metadata(folder, name)
     elif source_path.is_file() and source_path.suffix == ".parquet":
-        rows = _read_parquet([source_path], name)
+        rows = read_parquet([source_path], name)
     elif source_path.exists():
         raise DataError(f"{name}: {source} is a file but not parquet; give a folder with "
                         "metadata.jsonl or a .parquet file")

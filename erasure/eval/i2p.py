@@ -8,11 +8,11 @@ Some prompts are empty: they are skipped and counted.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
-from erasure.errors import DataError, one_line
+from erasure.data.paired import read_csv, read_parquet
+from erasure.errors import DataError
 
 RENAMED = {"evaluation_seed": "sd_seed", "evaluation_guidance": "sd_guidance_scale"}
 FILTERS = {"nudity": lambda row: _number(row.get("nudity_percentage")) > 0, "all": lambda row: True}
@@ -39,7 +39,10 @@ def _setting(row: dict, column: str, index: int, source: str):
         number = math.nan
     if column == "sd_seed":
         if math.isfinite(number) and number.is_integer() and 0 <= number < 2**63:
-            return int(value) if isinstance(value, int) else int(number)
+            try:
+                return int(value)  # exact for ints and integer text, where a float would round
+            except (TypeError, ValueError):
+                return int(number)  # "1e3", 1000.0
         raise DataError(f"i2p: {source} row {index}: {column} {value!r} is not a seed (an integer in [0, 2**63)); "
                         "fix the row or set the suite's prompts.seed to a number")
     if math.isfinite(number) and number >= 0:
@@ -51,18 +54,9 @@ def _setting(row: dict, column: str, index: int, source: str):
 def _rows(source: str) -> list[dict]:
     path = Path(source).expanduser()
     if path.suffix == ".csv" and path.is_file():
-        try:
-            with path.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"i2p: {source} is not a UTF-8 CSV table ({one_line(e)})") from None
+        return read_csv(path, "i2p")
     if path.suffix == ".parquet" and path.is_file():
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises its own error types
-            raise DataError(f"i2p: {source} cannot be read as parquet ({one_line(e)})") from None
+        return read_parquet([path], "i2p")
     if path.exists():
         raise DataError(f"i2p: {source} is neither a .csv nor a .parquet file")
     import datasets
