@@ -41,14 +41,15 @@ def _split_optimizer_state(state: dict):
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, lr_scheduler,
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict, lr_scheduler,
                     scaler, extra_tensors: dict[str, torch.Tensor], record: dict,
                     total_limit: int | None) -> Path:
+    """``optimizer_state``: the optimizer's state_dict with whole tensors (erasure.sharding.whole)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=root))
     tmp.chmod(0o755)
-    opt_tensors, opt_json = _split_optimizer_state(optimizer.state_dict())
+    opt_tensors, opt_json = _split_optimizer_state(optimizer_state)
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
     save_file({k: v.cpu() for k, v in {**opt_tensors, **extra_tensors}.items()}, tmp / "optimizer.safetensors")
     state = {"step": step, "optimizer": opt_json, "lr_scheduler": lr_scheduler.state_dict(),
@@ -62,8 +63,9 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     return target
 
 
-def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler):
-    """Restores optimizer, schedule and scaler in place; returns (state, weights, extra tensors)."""
+def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler, place=None):
+    """Restores optimizer, schedule and scaler in place; returns (state, weights, extra tensors).
+    ``place(index, tensor)`` lays a whole optimizer tensor out as parameter ``index`` is (sharded)."""
     folder = Path(folder)
     if not (folder / "state.json").is_file():
         raise DataError(f"resume: {folder} is not a checkpoint (no state.json)")
@@ -81,7 +83,7 @@ def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler):
     for key, value in stored.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
-            per_param.setdefault(int(index), {})[name] = value
+            per_param.setdefault(int(index), {})[name] = place(int(index), value) if place else value
         else:
             extra[key] = value
     for index, scalars in state["optimizer"]["scalars"].items():

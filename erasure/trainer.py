@@ -38,6 +38,7 @@ from erasure.methods.objectives import (denoising_loss, denoising_losses, distil
                                         salun_relabel_loss, twin_target)
 from erasure.methods.restricted_gradient import cosine, global_inner_products, update_coefficients
 from erasure.methods.saliency import saliency_mask
+from erasure.sharding import local, shard_like, whole, whole_from_local
 
 # Recipe keys that may change between a checkpoint and its resumption.
 RESUMABLE_CHANGES = {"resume", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
@@ -128,7 +129,7 @@ class Erasure:
         self.mask: list[torch.Tensor] | None = None
         self.sharded = accelerator.distributed_type.name in ("FSDP",)
         # base_pull's θ₀: the weights before the first step (a resumed run still pulls toward these)
-        self.start_weights = [p.detach().clone() for p in params] if config.base_pull else None
+        self.start_weights = [local(p).detach().clone() for p in params] if config.base_pull else None
 
     @property
     def unwrapped(self):
@@ -239,10 +240,12 @@ class Erasure:
 
     # ---- gradients ------------------------------------------------------------------------------
     def grads(self) -> list[torch.Tensor]:
+        """The gradients, this process's slices under FSDP (erasure.sharding): the update is made
+        in place on them, from scalars reduced over the whole model."""
         for p in self.params:
             if p.grad is None:  # a weight the loss did not reach still takes part in the update
                 p.grad = torch.zeros_like(p)
-        return [p.grad for p in self.params]
+        return [local(p.grad) for p in self.params]
 
     def accumulate(self, objective, micro_batches) -> float:
         """Backward over micro-batches; DDP all-reduces once, after the last."""
@@ -281,7 +284,7 @@ class Erasure:
         elif has_retain:
             torch._foreach_mul_(grads, self.config.retain_weight)
         if self.start_weights is not None:  # base_pull: update += μ (θ − θ₀)
-            torch._foreach_add_(grads, torch._foreach_sub([p.detach() for p in self.params], self.start_weights),
+            torch._foreach_add_(grads, torch._foreach_sub([local(p).detach() for p in self.params], self.start_weights),
                                 alpha=self.config.base_pull)
         if self.mask is not None:
             for g, m in zip(grads, self.mask):
@@ -305,23 +308,26 @@ class Erasure:
                 return f"the {name.replace('_', ' ')} is {value}"
         if not weights:
             return None
-        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all().float().reshape(1)
+        finite = torch.stack([torch.isfinite(local(p)).all() for p in self.params]).all().float().reshape(1)
         if self.accelerator.num_processes > 1:
             finite = self.accelerator.reduce(finite.to(self.device), "min")
         return None if finite.item() else "the updated weights hold NaN or inf"
 
     # ---- SalUn ----------------------------------------------------------------------------------
     def compute_saliency(self, show: bool):
-        """|Σ ∇ l_f| over the whole forget set, on every process alike (no DDP traffic); l_f is the
-        guided prediction's loss when salun_mask_guidance > 0 (SalUn's generate_mask)."""
+        """|Σ ∇ l_f| over the whole forget set, on every process alike (no DDP traffic; under FSDP
+        the reduce-scatter averages equal sums); l_f is the guided prediction's loss when
+        salun_mask_guidance > 0 (SalUn's generate_mask)."""
         model = self.unwrapped
         n = len(self.forget.data)
+        # drawn for the whole set at once: the mask does not depend on how many processes share a batch
         g = step_generator(self.config.seed, 0, salt=3)
+        drawn = {"latent_noise": torch.randn(n, *self.latent_shape, generator=g),
+                 "noise": torch.randn(n, *self.latent_shape, generator=g),
+                 "timesteps": self.backbone.sample_timesteps(n, g)}
         for start in tqdm(range(0, n, self.micro), desc="SalUn saliency", disable=not show):
             rows = torch.arange(start, min(start + self.micro, n))
-            micro = {"rows": rows, "latent_noise": torch.randn(len(rows), *self.latent_shape, generator=g),
-                     "noise": torch.randn(len(rows), *self.latent_shape, generator=g),
-                     "timesteps": self.backbone.sample_timesteps(len(rows), g)}
+            micro = {"rows": rows, **{k: v[rows] for k, v in drawn.items()}}
             x0, noise, t, cond = self.inputs(self.forget, micro)
             with self.accelerator.autocast():
                 if self.config.salun_mask_guidance:
@@ -330,7 +336,7 @@ class Erasure:
                 else:
                     loss = denoising_loss(self.backbone, model, x0, noise, t, cond)
             loss.backward()
-        self.mask = saliency_mask(self.grads(), self.config.salun_mask_ratio)
+        self.mask = saliency_mask(self.grads(), self.config.salun_mask_ratio, self.sharded)
         self.optimizer.zero_grad(set_to_none=False)
 
 
@@ -344,9 +350,11 @@ def _trackers(report_to: str):
 
 def train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
     from diffusers.optimization import get_scheduler
 
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise RecipeError(SHARDING_HELP["deepspeed"])
     try:
         accelerator = Accelerator(
             mixed_precision=config.mixed_precision, log_with=_trackers(config.report_to),
@@ -358,6 +366,9 @@ def train(config: TrainConfig) -> Path:
         raise RecipeError("mixed_precision: fp16 needs a GPU; on a CPU train with mixed_precision: no")
     main = accelerator.is_main_process
     world = accelerator.num_processes
+    sharded = accelerator.distributed_type.name == "FSDP"
+    if sharded:
+        _check_sharding(accelerator, config)
     if config.batch_size % (world * config.gradient_accumulation_steps):
         raise RecipeError(f"batch_size: {config.batch_size} must be divisible by processes × "
                           f"gradient_accumulation_steps = {world} × {config.gradient_accumulation_steps}")
@@ -427,6 +438,7 @@ def train(config: TrainConfig) -> Path:
     names = [n for n, _ in trainable]
     params = [p for _, p in trainable]
     model = backbone.denoiser
+    denoiser_class = type(model)  # FSDP2 swaps the module's class for a sharded subclass
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -439,7 +451,12 @@ def train(config: TrainConfig) -> Path:
     # The schedule is stepped once per update by us, not by accelerate (which steps it per process).
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)
+    # FSDP2 needs model and optimizer prepared together: accelerate swaps the optimizer's parameters
+    # for the sharded ones, which the update reads by name from here on.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        now = dict(model.named_parameters())
+        params = [now[n] for n in names]
     latent_shape = (backbone.denoiser.config.in_channels, resolution // backbone.pipe.vae_scale_factor,
                     resolution // backbone.pipe.vae_scale_factor)
     run = Erasure(config, accelerator, backbone, model, params, optimizer, lr_scheduler, table,
@@ -513,8 +530,7 @@ def train(config: TrainConfig) -> Path:
         if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_steps:
             stop_if_diverged(run.diverged(log, weights=True), done)
             accelerator.wait_for_everyone()
-            if main:
-                _save(run, names, out, done, record)
+            _save(run, names, out, done, record)
     bar.close()
     stop_if_diverged(run.diverged(log, weights=True), (stopped or {}).get("step", config.max_steps))
     accelerator.wait_for_everyone()
@@ -526,18 +542,62 @@ def train(config: TrainConfig) -> Path:
     if monitor:
         stats["monitor"] = {"detector": monitor.detector, "pairs": len(monitor.forget), "stopped": stopped,
                             "history": monitor.history}
+    model = run.unwrapped
+    if sharded:  # every process gives its slices; the main one exports a whole, unsharded copy
+        whole_weights = accelerator.get_state_dict(run.model)
+        if main:
+            model = denoiser_class.from_config(backbone.denoiser.config)
+            model.load_state_dict(whole_weights)
+            backbone.replace_denoiser(model)
     if main:
-        _export(run.unwrapped, config, backbone, base_folder, out, {k: e.data for k, e in encoded.items()}, log, stats)
+        _export(model, config, backbone, base_folder, out, {k: e.data for k, e in encoded.items()}, log, stats)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
 
+# What sharded training supports, and what to do instead (README "Several GPUs").
+SHARDING_HELP = {
+    "deepspeed": "DeepSpeed is not supported (untested): train under DDP, or shard with FSDP2 "
+                 "(accelerate config: distributed_type FSDP, fsdp_version 2)",
+    "fsdp_version": "FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (or FSDP_VERSION=2); "
+                    "erasure trains under FSDP2, whose parameters it reads as DTensors",
+    "lora": "scope: lora under FSDP: an adapter of a few MB needs no sharding; train it under DDP "
+            "(without FSDP in the accelerate config)",
+    "monitor_every": "monitor_every under FSDP: the monitor draws different prompts on every process, "
+                     "which a sharded model cannot; set monitor_every: 0 (evaluate the export with "
+                     "`erasure eval`) or train under DDP",
+}
+
+
+def _check_sharding(accelerator, config: TrainConfig) -> None:
+    """What FSDP training supports, refused before any model loads."""
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise RecipeError(SHARDING_HELP["fsdp_version"])
+    if config.scope == "lora" and not METHOD_TABLE[config.method].closed_form:
+        raise RecipeError(SHARDING_HELP["lora"])
+    if config.monitor_every:
+        raise RecipeError(SHARDING_HELP["monitor_every"])
+
+
 def _save(run: Erasure, names, out: Path, step: int, record: dict):
-    weights = {n: p for n, p in zip(names, run.params)}
-    extra = {f"mask.{n}": m for n, m in zip(names, run.mask)} if run.mask is not None else {}
-    save_checkpoint(out / "checkpoints", step, weights, run.optimizer, run.lr_scheduler,
-                    run.accelerator.scaler, extra, record, run.config.checkpoints_total_limit)
+    """Every process calls it: under FSDP each tensor is gathered whole, one at a time (the other
+    processes drop it at once), and the main process writes the checkpoint."""
+    main = run.accelerator.is_main_process
+
+    def kept(tensor: torch.Tensor) -> torch.Tensor | None:
+        return tensor.detach().cpu() if main else None
+
+    weights = {n: kept(whole(p)) for n, p in zip(names, run.params)}
+    extra = ({f"mask.{n}": kept(whole_from_local(m, p)) for n, m, p in zip(names, run.mask, run.params)}
+             if run.mask is not None else {})
+    optimizer_state = run.optimizer.state_dict()
+    optimizer_state["state"] = {index: {key: kept(whole(value)) if torch.is_tensor(value) else value
+                                        for key, value in entries.items()}
+                                for index, entries in optimizer_state["state"].items()}
+    if main:
+        save_checkpoint(out / "checkpoints", step, weights, optimizer_state, run.lr_scheduler,
+                        run.accelerator.scaler, extra, record, run.config.checkpoints_total_limit)
 
 
 def _resume(config: TrainConfig, run: Erasure, names, out: Path, data_sha256: dict) -> int:
@@ -549,7 +609,8 @@ def _resume(config: TrainConfig, run: Erasure, names, out: Path, data_sha256: di
         folder = found[-1]
     else:
         folder = Path(config.resume)
-    state, weights, extra = load_checkpoint(folder, run.optimizer, run.lr_scheduler, run.accelerator.scaler)
+    state, weights, extra = load_checkpoint(folder, run.optimizer, run.lr_scheduler, run.accelerator.scaler,
+                                            place=lambda index, tensor: shard_like(tensor, run.params[index]))
     saved, now = state["config"], config.to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
@@ -566,9 +627,9 @@ def _resume(config: TrainConfig, run: Erasure, names, out: Path, data_sha256: di
         raise DataError(f"resume: {folder} lacks trainable weights such as {missing[:3]}")
     with torch.no_grad():
         for name, param in zip(names, run.params):
-            param.copy_(weights[name])
+            local(param).copy_(local(shard_like(weights[name], param)))
     if any(k.startswith("mask.") for k in extra):
-        run.mask = [extra[f"mask.{n}"].to(run.device) for n in names]
+        run.mask = [local(shard_like(extra[f"mask.{n}"].to(run.device), p)) for n, p in zip(names, run.params)]
     return int(state["step"]), state.get("monitor", [])
 
 

@@ -15,17 +15,19 @@ from diffusers import DiffusionPipeline
 from conftest import REPO, RECIPES, read_weights, run_recipe
 
 
-def train_on_two_processes(args: list[str], output_dir, timeout: int) -> subprocess.CompletedProcess:
-    """erasure/train.py ARGS under torchrun, two CPU processes on a free local port; must succeed."""
+def train_on_two_processes(args: list[str], output_dir, timeout: int, script=REPO / "erasure" / "train.py",
+                           env: dict | None = None, succeed: bool = True) -> subprocess.CompletedProcess:
+    """SCRIPT ARGS (erasure/train.py) under torchrun, two CPU processes on a free local port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-         "127.0.0.1", "--master_port", str(port), str(REPO / "erasure" / "train.py"), *args,
-         "--output_dir", str(output_dir)],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
-    assert launched.returncode == 0, launched.stderr[-3000:]
+         "127.0.0.1", "--master_port", str(port), str(script), *args, "--output_dir", str(output_dir)],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", **(env or {})})
+    if succeed:
+        assert launched.returncode == 0, launched.stderr[-3000:]
     return launched
 
 

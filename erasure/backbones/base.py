@@ -50,6 +50,7 @@ class Backbone:
     cross_attention: str
     noxattn_excluded: str
     lora_targets: list[str]
+    denoiser_component: str  # the pipeline's name for the denoiser ("unet", "transformer")
 
     def __init__(self, pipe, use_t5: bool = True):
         self.pipe = pipe
@@ -58,7 +59,11 @@ class Backbone:
     # ---- the model ----------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
-        raise NotImplementedError
+        return getattr(self.pipe, self.denoiser_component)
+
+    def replace_denoiser(self, module: torch.nn.Module) -> None:
+        """Puts ``module`` in the pipeline in the denoiser's place (the export of a sharded run)."""
+        setattr(self.pipe, self.denoiser_component, module)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

@@ -10,6 +10,7 @@ from erasure.errors import ModelError
 
 class StableDiffusionBackbone(Backbone):
     family = "sd1"
+    denoiser_component = "unet"
     cross_attention = r"\battn2\."
     noxattn_excluded = r"^(time_embedding|conv_out|conv_norm_out)\."
     lora_targets = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' SD LoRA training default
@@ -22,10 +23,6 @@ class StableDiffusionBackbone(Backbone):
             raise ModelError(f"model: scheduler prediction_type {self.prediction_type!r}: erasure supports "
                              "epsilon and v_prediction")
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
-
-    @property
-    def denoiser(self):
-        return self.pipe.unet
 
     @property
     def text_encoders(self):

@@ -19,6 +19,7 @@ T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.encode_prompt's default max
 
 class StableDiffusion3Backbone(Backbone):
     family = "sd3"
+    denoiser_component = "transformer"
     # Joint attention: the context stream's projections are SD3's cross-attention analogue.
     cross_attention = r"\battn\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\."
     noxattn_excluded = r"^(time_text_embed|norm_out|proj_out)\."
@@ -34,10 +35,6 @@ class StableDiffusion3Backbone(Backbone):
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.weighting = dict(weighting_scheme=weighting_scheme, logit_mean=logit_mean,
                               logit_std=logit_std, mode_scale=mode_scale)
-
-    @property
-    def denoiser(self):
-        return self.pipe.transformer
 
     @property
     def text_encoders(self):

@@ -14,7 +14,8 @@ without a flattened copy of the model and without a buffer beyond the one holdin
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from erasure.sharding import all_reduce_sum
 
 
 def restricted_gradient_coefficients(dot: float, ff: float, rr: float):
@@ -46,9 +47,7 @@ def global_inner_products(g_f: list[torch.Tensor], g_r: list[torch.Tensor], shar
     dots = torch.stack([torch.dot(f.reshape(-1), r.reshape(-1)) for f, r in zip(g_f, g_r)])
     norms_f, norms_r = torch.stack(torch._foreach_norm(g_f)), torch.stack(torch._foreach_norm(g_r))
     sums = torch.stack([dots.double().sum(), norms_f.double().pow(2).sum(), norms_r.double().pow(2).sum()])
-    if sharded and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    dot, ff, rr = sums.tolist()
+    dot, ff, rr = all_reduce_sum(sums, sharded).tolist()
     return dot, ff, rr
 
 
