@@ -26,7 +26,7 @@ from pathlib import Path
 
 from erasure.atomic import write_atomically
 from erasure.methods import METHOD_TABLE
-from erasure.world.data import CHECKOUT as ROOT
+from erasure.shipped import shipped
 from erasure.world.data import CONCEPTS
 
 
@@ -37,8 +37,8 @@ RECOMMENDED = "erase"
 
 def recipe_path(concept: str, method: str) -> Path:
     if method == RECOMMENDED:
-        return ROOT / "recipes" / "world" / f"{RECOMMENDED}.yaml"
-    return ROOT / "recipes" / "world" / concept / f"{method}.yaml"
+        return shipped("recipes", "world", f"{RECOMMENDED}.yaml")
+    return shipped("recipes", "world", concept, f"{method}.yaml")
 
 
 def concept_flags(concept: str, method: str) -> dict:
@@ -50,7 +50,7 @@ def concept_flags(concept: str, method: str) -> dict:
 def default_methods(concept: str) -> list[str]:
     """Every recipe for ``concept``: the method table's order first, then variants by name, then the
     recommended recipe."""
-    stems = sorted(p.stem for p in (ROOT / "recipes" / "world" / concept).glob("*.yaml"))
+    stems = sorted(p.stem for p in shipped("recipes", "world", concept).glob("*.yaml"))
     found = [m for m in METHOD_TABLE if m in stems] + [s for s in stems if s not in METHOD_TABLE]
     return found + ([RECOMMENDED] if recipe_path(concept, RECOMMENDED).is_file() else [])
 
@@ -89,7 +89,7 @@ def bench_micro(concept: str, out: str | Path, methods: list[str] | None = None,
     methods = methods or default_methods(concept)
     missing = [m for m in methods if not recipe_path(concept, m).is_file()]
     if missing:
-        raise ValueError(f"no recipe for {', '.join(missing)} under {ROOT / 'recipes' / 'world' / concept}; "
+        raise ValueError(f"no recipe for {', '.join(missing)} under {shipped('recipes', 'world', concept)}; "
                          f"have: {', '.join(default_methods(concept))}")
     out = Path(out)
     overrides = {"max_steps": steps} if steps else {}
@@ -100,7 +100,7 @@ def bench_micro(concept: str, out: str | Path, methods: list[str] | None = None,
         costs[method] = train_one(recipe_path(concept, method), out / "models" / method,
                                   {**concept_flags(concept, method), **overrides}, show)
     suite_overrides = {"prompts": {"limit": limit}} if limit else {}
-    suite = load_suite(ROOT / "eval" / f"micro-{concept}.yaml", suite_overrides)
+    suite = load_suite(shipped("eval", f"micro-{concept}.yaml"), suite_overrides)
     report = evaluate(suite, ["world:micro"] + [str(out / "models" / m) for m in methods], out / "eval", show=show)
     rows = []
     for name, model in zip(["base"] + methods, report["models"]):
@@ -130,7 +130,7 @@ def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = No
     methods = methods or default_methods(concept)
     missing = [m for m in methods if not recipe_path(concept, m).is_file()]
     if missing:
-        raise ValueError(f"no recipe for {', '.join(missing)} under {ROOT / 'recipes' / 'world' / concept}")
+        raise ValueError(f"no recipe for {', '.join(missing)} under {shipped('recipes', 'world', concept)}")
     for name, value in (("--steps", steps), ("--every", every), ("--images", images)):
         if value is not None and value < 1:
             raise ValueError(f"{name}: must be ≥ 1, got {value}")

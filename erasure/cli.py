@@ -30,11 +30,12 @@ def _demo(args) -> None:
     from diffusers import DiffusionPipeline
     from PIL import Image
 
-    from erasure.bench import RECOMMENDED, ROOT, concept_flags, recipe_path
+    from erasure.bench import RECOMMENDED, concept_flags, recipe_path
     from erasure.config import TrainConfig, read_recipe
     from erasure.eval.report import tables
     from erasure.eval.runner import evaluate
     from erasure.eval.suite import load_suite
+    from erasure.shipped import shipped
     from erasure.trainer import train
     from erasure.world.model import sample, world_path, world_sampler
 
@@ -45,7 +46,7 @@ def _demo(args) -> None:
                             **concept_flags(DEMO_CONCEPT, RECOMMENDED), "output_dir": str(out), "report_to": "none",
                             **({"max_steps": args.steps} if args.steps else {})})
     train(config)
-    suite = load_suite(ROOT / "eval" / f"micro-{DEMO_CONCEPT}.yaml", {"prompts": {"limit": args.limit}} if args.limit else {})
+    suite = load_suite(shipped("eval", f"micro-{DEMO_CONCEPT}.yaml"), {"prompts": {"limit": args.limit}} if args.limit else {})
     print(f"\nevaluating base and erased model on {args.limit or 'all 960'} world captions, 480 named and 480 by "
           "alias (oracle read-back)…")
     report = evaluate(suite, ["world:micro", str(out)], out / "eval")

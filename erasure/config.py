@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from erasure.errors import RecipeError
+from erasure.shipped import locate
 
 METHODS = (
     "finetune",
@@ -513,8 +514,9 @@ def read_yaml_mapping(path: Path, what: str, error: type[ValueError], seen: tupl
 
 
 def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
-    """Read a recipe YAML, following `include:`; returns raw key → value, validated keys."""
-    path = Path(path)
+    """Read a recipe YAML, following `include:`; returns raw key → value, validated keys. A documented
+    path (recipes/…) that is not here is read from the recipes shipped with the package."""
+    path = locate(path)
     data = read_yaml_mapping(path, "recipe", RecipeError, _seen)
     merged = {}
     include = data.pop("include", None)
@@ -522,7 +524,7 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
         if not isinstance(include, str) or not include:
             raise RecipeError(f"recipe {path}: include: {include!r}; expected the path of another recipe, "
                               "relative to this file (e.g. include: ../tiny/rgd.yaml)")
-        merged.update(read_recipe(path.parent / include, _seen + (path.resolve(),)))
+        merged.update(read_recipe(locate(include, relative_to=path.parent), _seen + (path.resolve(),)))
     for key, value in data.items():
         if key not in FIELDS:
             raise RecipeError(f"recipe {path}: unknown key {key!r}" + _suggest(str(key), FIELDS)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from erasure.config import read_yaml_mapping
 from erasure.errors import SuiteError
+from erasure.shipped import locate
 
 # Each metric: what it reads, whether higher is better, how it aggregates (next to its definition
 # in erasure.eval.runner).
@@ -50,7 +51,7 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     if include is not None and (not isinstance(include, str) or not include):
         raise SuiteError(f"suite {path}: include: {include!r}; expected the path of another suite, relative to "
                          "this file")
-    base = _read(path.parent / include, seen + (path.resolve(),)) if include else {}
+    base = _read(locate(include, relative_to=path.parent), seen + (path.resolve(),)) if include else {}
     return _merge(base, raw)
 
 
@@ -82,8 +83,9 @@ def _check_generation(generation: dict, prompts: dict, where: str) -> None:
 
 
 def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
-    """The merged, validated suite; `overrides` (e.g. {"prompts": {"i2p": "local.csv"}}) merge last."""
-    path = Path(path)
+    """The merged, validated suite; `overrides` (e.g. {"prompts": {"i2p": "local.csv"}}) merge last. A
+    documented path (eval/…) that is not here is read from the suites shipped with the package."""
+    path = locate(path)
     suite = _merge(_read(path), overrides or {})
     where = f"suite {path}"
     prompts = suite.get("prompts")

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from erasure.errors import SpecError
+from erasure.shipped import locate
 
 TWIN_MODES = ("remove", "replace")
 KEYS = {"concept", "description", "phrasings", "twin", "replacements", "templates", "dimensions",
@@ -114,7 +115,8 @@ def _split(name: str, value, fraction: float, seed: int, where: str) -> Dimensio
 
 
 def load_spec(path: str | Path, seed: int = 0) -> ConceptSpec:
-    path = Path(path)
+    """A documented path (prompts/…) that is not here is read from the specs shipped with the package."""
+    path = locate(path)
     if not path.is_file():
         raise SpecError(f"concept spec {str(path)!r} does not exist")
     try:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from erasure.shipped import shipped
+
 CONCEPTS = ("striped", "triangle")
 SIDES = ("forget", "retain")
 IMAGES_PER_PROMPT = 2
-# The repository checkout: concept specs (prompts/), recipes and suites live beside the package.
-CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def set_names() -> list[str]:
@@ -31,10 +31,10 @@ def parse_source(source: str) -> tuple[str, str]:
 
 
 def spec_path(concept: str) -> Path:
-    path = CHECKOUT / "prompts" / f"world-{concept}.yaml"
+    path = shipped("prompts", f"world-{concept}.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: micro-world pair sets are built from the concept specs "
-                                "in a checkout's prompts/ folder")
+                                "shipped in erasure/shipped/prompts/")
     return path
 
 
