@@ -136,7 +136,7 @@ def test_missing_and_mismatched_checkpoints_name_the_file(tiny_model, scorer, tm
     save_file(state, str(bad))
     with pytest.raises(RuntimeError, match="bad_clip.safetensors") as info:
         ClipScorer(tiny_model, pretrained=str(bad), device="cpu")
-    assert "missing keys: text_projection" in str(info.value)
+    assert 'Missing key(s) in state_dict: "text_projection"' in str(info.value)
     assert "visual.proj" in str(info.value)
 
 

@@ -13,10 +13,10 @@ Weights. Nothing here downloads on its own behalf. `pretrained` is either
   * an open_clip tag: open_clip resolves it through its Hugging Face cache; offline (HF_HUB_OFFLINE=1)
     that works only if the weights were cached before, otherwise a RuntimeError says so and that a local
     checkpoint file can be given instead;
-  * a path to a local checkpoint file: `.safetensors` (preferred, no pickle), or `.pt`/`.pth`/`.bin`,
-    read with `torch.load(weights_only=True)` only, so a checkpoint cannot run code; the model is built
-    with `pretrained=None` and the state dict is loaded strictly, with an error naming the file on
-    missing or mismatched keys;
+  * a path to a local checkpoint file, which open_clip (≥ 2.29) reads itself: `.safetensors`
+    (preferred, no pickle), or `.pt`/`.pth`/`.bin` with `torch.load(weights_only=True)`, so a
+    checkpoint cannot run code; loaded strictly, with an error naming the file on missing or
+    mismatched keys;
   * None: random initialisation (tests and smoke runs only; a warning says so).
 open_clip's BPE tokenizer ships inside its wheel, so tokenisation is offline for the CLIP text towers.
 """
@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from erasure.eval.weights import read_state_dict
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -56,42 +55,6 @@ def _supported_kwargs(function, **kwargs) -> dict:
     """The keyword arguments `function` accepts (older open_clip releases lack some)."""
     parameters = inspect.signature(function).parameters
     return {key: value for key, value in kwargs.items() if key in parameters}
-
-
-def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    state = dict(state)
-    # A scalar logit_scale/logit_bias saved as 0-d or 1-d: the same value either way (as open_clip does).
-    for key in ("logit_scale", "logit_bias"):
-        if key in state and key in expected and state[key].shape != expected[key].shape:
-            if state[key].numel() == expected[key].numel():
-                state[key] = state[key].reshape(expected[key].shape)
-    if "logit_bias" in expected and "logit_bias" not in state and "logit_scale" in state:
-        state["logit_bias"] = torch.zeros_like(expected["logit_bias"])
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{key} {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
-        for key in set(state) & set(expected)
-        if state[key].shape != expected[key].shape
-    )
-    if missing or unexpected or mismatched:
-
-        def first(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f", … ({len(items)} in all)" if len(items) > 5 else "")
-
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {first(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {first(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {first(mismatched)}")
-        raise RuntimeError(
-            f"checkpoint {path} does not fit the open_clip model architecture "
-            f"({'; '.join(problems)}); is it a checkpoint of this model?"
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -137,6 +100,8 @@ class ClipScorer:
         no_tower_weights = _supported_kwargs(
             create, pretrained_image=False, pretrained_text=False, load_weights=False
         )
+        # torch.load(weights_only=True) for .pt files: the default, named weights_only from open_clip 3.0
+        safe_load = _supported_kwargs(create, weights_only=True, load_weights_only=True)
         if pretrained is None:
             warnings.warn(
                 f"ClipScorer({model!r}, pretrained=None): randomly initialised CLIP; "
@@ -148,14 +113,21 @@ class ClipScorer:
                 torch.manual_seed(0)
                 clip, _, preprocess = create(model, pretrained=None, **no_tower_weights)
         elif _looks_like_path(str(pretrained)):
+            # open_clip reads a local file itself: safetensors, or torch.load(weights_only=True), loaded
+            # strictly into the architecture (torch names missing, unexpected and mis-shaped keys).
             path = Path(pretrained).expanduser()
-            state = read_state_dict(path, "CLIP checkpoint")
-            clip, _, preprocess = create(model, pretrained=None, **no_tower_weights)
-            _load_into(clip, state, path)
+            if not path.is_file():
+                raise FileNotFoundError(f"CLIP checkpoint file not found: {path}")
+            try:
+                clip, _, preprocess = create(model, pretrained=str(path), **safe_load)
+            except Exception as error:  # noqa: BLE001 - unreadable, pickled code, or the wrong model
+                raise RuntimeError(f"could not load the CLIP checkpoint {path} into open_clip's {model!r} "
+                                   f"(it reads .safetensors, or .pt with torch.load(weights_only=True)): "
+                                   f"{error}") from error
         else:
             try:
                 clip, _, preprocess = create(
-                    model, pretrained=pretrained, **_supported_kwargs(create, weights_only=True)
+                    model, pretrained=pretrained, **safe_load
                 )
             except Exception as error:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError
                 offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
