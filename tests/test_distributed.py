@@ -106,21 +106,22 @@ def test_scoring_is_dealt_out_in_turn_and_gathered_in_order(tmp_path):
     """`score_in_shares` under two processes: each scores every second part, every process gets all
     results in the items' order, and a process with no part of its own still joins the gathering."""
     script = tmp_path / "shares.py"
-    script.write_text(
-        "import json\n"
+    script.write_text(  # each process writes its own file: the two share one stdout, line by line or not
+        "import json, sys\n"
         "from erasure.eval.runner import score_in_shares\n"
         "from erasure.generation import process_state\n"
         "state = process_state()\n"
         "scored = score_in_shares(lambda part: [(item, state.process_index) for item in part], list(range(7)), 2,\n"
         "                         state)\n"
         "alone = score_in_shares(lambda part: [state.process_index for _ in part], ['only'], 4, state)\n"
-        "print(json.dumps({'rank': state.process_index, 'scored': scored, 'alone': alone}))\n")
-    done = subprocess.run([sys.executable, *torchrun(), str(script)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)})
+        "with open(f'{sys.argv[1]}/{state.process_index}.json', 'w') as f:\n"
+        "    json.dump({'scored': scored, 'alone': alone}, f)\n"
+        "from erasure.cli import close_process_group\n"
+        "close_process_group()  # as the commands do\n")
+    done = subprocess.run([sys.executable, *torchrun(), str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
-    assert [r["rank"] for r in runs] == [0, 1]
+    runs = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     for run in runs:  # parts [0, 1], [2, 3], [4, 5], [6] go to processes 0, 1, 0, 1
         assert run["scored"] == [[0, 0], [1, 0], [2, 1], [3, 1], [4, 0], [5, 0], [6, 1]]
         assert run["alone"] == [0]
