@@ -13,6 +13,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 
+# A ~1.6M-parameter open_clip model (real BPE tokenizer), randomly initialised in the tests.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
 
 @pytest.fixture(scope="session", autouse=True)
 def erasure_cache(tmp_path_factory):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TINY_CLIP_CONFIG
 from erasure.eval.clip_score import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -18,11 +19,6 @@ from erasure.eval.clip_score import (
 )
 
 TINY = "erasure-test-tiny-clip"
-TINY_CONFIG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +27,7 @@ def tiny_model(tmp_path_factory):
     import open_clip
 
     path = tmp_path_factory.mktemp("clip-config") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CONFIG))
+    path.write_text(json.dumps(TINY_CLIP_CONFIG))
     open_clip.add_model_config(path)
     assert TINY in open_clip.list_models()
     return TINY

@@ -209,54 +209,82 @@ def _write_index(path: Path, made: dict) -> None:
     write_atomically(path, lambda f: f.write(text.encode()))
 
 
-def blank_images(records: list[dict], paths: list[Path]) -> int:
+def score_in_shares(score, items: list, chunk: int, state) -> list:
+    """``score(part)``, one result per item of ``part``, for every item of ``items``, in their order,
+    on every process.
+
+    The parts (``chunk`` items each, a scorer's own batch) are formed over all items and dealt out in
+    turn, as `erasure.generation.render` deals batches: a scorer sees the same batches whatever the
+    number of processes, so its batched kernels round alike and N processes score to the bit what one
+    does. Every process takes part in the gathering, even with no part of its own."""
+    parts = [items[start:start + chunk] for start in range(0, len(items), chunk)]
+    mine = {}
+    for number in range(state.process_index, len(parts), state.num_processes):
+        results = list(score(parts[number]))
+        if len(results) != len(parts[number]):  # a scorer that drops images would shift every later one
+            raise RuntimeError(f"a scorer returned {len(results)} results for {len(parts[number])} images")
+        mine[number] = results
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for theirs in gather_object([mine]):
+            mine.update(theirs)
+    return [result for number in range(len(parts)) for result in mine[number]]
+
+
+def blank_images(records: list[dict], paths: list[Path], state) -> int:
     """Images that are not pictures: non-finite pixels at generation, or one flat colour."""
     import numpy as np
     from PIL import Image
 
-    count = 0
-    for record, path in zip(records, paths):
-        if not record.get("finite", True):
-            count += 1
-            continue
-        with Image.open(path) as image:
-            pixels = np.asarray(image)
-        count += int(pixels.min() == pixels.max())
-    return count
+    def blank(part):
+        for record, path in part:
+            if not record.get("finite", True):
+                yield True
+                continue
+            with Image.open(path) as image:
+                pixels = np.asarray(image)
+            yield bool(pixels.min() == pixels.max())
+
+    return sum(score_in_shares(blank, list(zip(records, paths)), 64, state))  # 64: any part size reads alike
 
 
-def score_nudenet(settings: dict, paths: list[Path], out: Path) -> dict:
+def score_nudenet(settings: dict, paths: list[Path], out: Path, state) -> dict:
     from erasure.eval.nudity import ALL_CLASSES, EXPOSED_CLASSES, NudityDetector, count_detections
 
     # Detections are kept per image, keyed by the image's bytes: a re-rendered image is detected again.
+    # Every process reads the record before the gathering, and the main one rewrites it only after.
     record = out / "nudenet.jsonl"
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
     kept = {r.get("sha256"): r.get("detections") for r in _jsonl_objects(record)} if record.is_file() else {}
     missing = [i for i, d in enumerate(digests) if not isinstance(kept.get(d), list)]
-    if missing:
-        found = NudityDetector().detect([str(paths[i]) for i in missing])
-        kept.update({digests[i]: d for i, d in zip(missing, found)})
+    detector = NudityDetector() if missing else None  # a folder detected before needs no detector
+    found = score_in_shares(lambda part: detector.detect([str(paths[i]) for i in part]), missing,
+                            detector.batch_size if detector else 1, state)
+    kept.update({digests[i]: d for i, d in zip(missing, found)})
     detections = [kept[d] for d in digests]
-    write_atomically(record, lambda f: f.write("".join(
-        json.dumps({"file_name": p.name, "sha256": h, "detections": d}) + "\n"
-        for p, h, d in zip(paths, digests, detections)).encode()))
+    if state.is_main_process:
+        write_atomically(record, lambda f: f.write("".join(
+            json.dumps({"file_name": p.name, "sha256": h, "detections": d}) + "\n"
+            for p, h, d in zip(paths, digests, detections)).encode()))
     classes = EXPOSED_CLASSES if settings["classes"] == "exposed" else ALL_CLASSES
     return count_detections(detections, settings["threshold"], classes)
 
 
-def _clip(settings: dict):
+def _clip(settings: dict, state):
     from erasure.eval.clip_score import ClipScorer
 
     try:
-        return ClipScorer(settings["model"], settings["pretrained"])
+        return ClipScorer(settings["model"], settings["pretrained"], device=str(state.device))
     except (RuntimeError, FileNotFoundError) as e:  # weights not cached offline, or a missing file
         raise DataError(f"CLIP weights: {e}") from None
 
 
-def score_alignment(scorer, settings: dict, paths: list[Path], prompts: list[str]) -> dict:
+def score_alignment(scorer, settings: dict, paths: list[Path], prompts: list[str], state) -> dict:
     from erasure.eval.clip_score import heim_score
 
-    scores = scorer.alignment([str(p) for p in paths], prompts)
+    scores = score_in_shares(lambda part: scorer.alignment([str(p) for p, _ in part], [q for _, q in part]),
+                             list(zip(paths, prompts)), scorer.batch_size, state)
     if settings["variant"] == "heim":
         scores = [heim_score(s) for s in scores]
     mean = sum(scores) / len(scores)
@@ -265,33 +293,55 @@ def score_alignment(scorer, settings: dict, paths: list[Path], prompts: list[str
             "variant": settings["variant"], "model": settings["model"], "pretrained": settings["pretrained"]}
 
 
-def score_class_forgetting(scorer, settings: dict, paths: list[Path], labels: list[str], classes: list[str]) -> dict:
+def score_class_forgetting(scorer, settings: dict, paths: list[Path], labels: list[str], classes: list[str],
+                           state) -> dict:
     from erasure.eval.clip_score import forgetting_accuracy
 
-    predicted = scorer.classify([str(p) for p in paths], classes, settings["template"], tuple(settings["extra_labels"]))
+    predicted = score_in_shares(
+        lambda part: scorer.classify([str(p) for p in part], classes, settings["template"],
+                                     tuple(settings["extra_labels"])),
+        paths, scorer.batch_size, state)
     return {**forgetting_accuracy(predicted, labels, settings["erased"]), "erased": settings["erased"]}
 
 
-def score_fid(settings: dict, paths: list[Path], reference: dict) -> dict:
+def score_fid(settings: dict, paths: list[Path], reference: dict, state) -> dict:
     """FID of ``paths`` against the suite's reference folder. ``reference`` caches the Inception network
-    and the reference statistics, which are the same for every model of a run."""
+    and the reference statistics, which are the same for every model of a run. The reference images
+    are shared out like the generated ones: each process reads its part once, and no process waits
+    on one that reads them all."""
+    import numpy as np
     from PIL import UnidentifiedImageError
 
     from erasure.eval.fid import InceptionFeatures, frechet_distance, image_folder, image_statistics
 
+    def features(images):
+        network = reference["features"]
+        return np.stack(score_in_shares(lambda part: list(network(part)), images, network.batch_size, state))
+
     try:
         if not reference:
             files = image_folder(settings["reference"])
-            features = InceptionFeatures(settings["weights"])
-            reference.update(features=features, images=len(files),
-                             statistics=image_statistics([str(p) for p in files], features))
-        value = frechet_distance(*image_statistics([str(p) for p in paths], reference["features"]),
-                                 *reference["statistics"])
+            reference.update(features=InceptionFeatures(settings["weights"], device=state.device),
+                             images=len(files))
+            reference["statistics"] = image_statistics([str(p) for p in files], features)
+        value = frechet_distance(*image_statistics([str(p) for p in paths], features), *reference["statistics"])
     except (FileNotFoundError, NotADirectoryError) as e:  # missing reference images or Inception weights
         raise DataError(f"metrics.fid: {e}") from None
     except (UnidentifiedImageError, OSError) as e:  # PIL names the file it could not read
         raise DataError(f"metrics.fid: {e}") from None
     return {"fid": value, "reference": str(settings["reference"]), "reference_images": reference["images"]}
+
+
+def score_micro_world(oracle, settings: dict, paths: list[Path], prompts: list[str], state) -> tuple:
+    """The micro-world metrics of the images at ``paths`` and the oracle's features of them (N×D, for
+    the Fréchet distance to the first model)."""
+    import numpy as np
+
+    from erasure.eval.micro import ORACLE_BATCH, micro_metrics, oracle_reads, read_images
+
+    readings = score_in_shares(lambda part: zip(*oracle_reads(oracle, read_images(part))), paths, ORACLE_BATCH,
+                               state)
+    return micro_metrics(settings["concept"], prompts, [r for r, _ in readings]), np.stack([h for _, h in readings])
 
 
 def versions() -> dict:
@@ -302,8 +352,8 @@ def versions() -> dict:
 
 def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True) -> dict | None:
     """Generate, score and report; returns the report dict (also DIR/report.json, report.md, *.png).
-    Under several processes every one draws its share of the images and the main process scores
-    and reports (the others return None)."""
+    Under several processes every one draws and scores its share of the images, and the main process
+    writes the report (the others return None)."""
     from erasure.eval.report import write_report
 
     from erasure.backbones import resolve_model
@@ -324,11 +374,11 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
     for name, model in zip(names, models):
         folder_out = out / "images" / name
         records, run = generate_images(model, items, suite["generation"], folder_out, show, state)
-        if not state.is_main_process:  # every process draws; the main one scores and reports
-            continue
+        # Every process scores its share of the images and gets every result: they all walk the same
+        # branches, so their gatherings pair up; the main one alone writes.
         paths = [folder_out / r["file_name"] for r in records]
         metrics = {}
-        blank = blank_images(records, paths)
+        blank = blank_images(records, paths, state)
         result = {"name": name, "model": model, "weights_sha256": run["weights_sha256"], "sampler": run["sampler"],
                   "size": run["size"], "dtype": run["dtype"], "blank_images": blank, "metrics": metrics}
         results.append(result)
@@ -341,24 +391,24 @@ def evaluate(suite: dict, models: list[str], out: str | Path, show: bool = True)
             result["flag"] = f"{blank} of {len(records)} images are blank (non-finite or one flat colour)"
         for metric, settings in suite["metrics"].items():
             if metric == "nudenet":
-                metrics[metric] = score_nudenet(settings, paths, folder_out)
+                metrics[metric] = score_nudenet(settings, paths, folder_out, state)
             elif metric in ("clip_alignment", "class_forgetting"):
                 # one scorer per CLIP checkpoint: the two metrics may name different ones
                 key = (settings["model"], settings["pretrained"])
-                clip = scorers[key] = scorers.get(key) or _clip(settings)
-                metrics[metric] = (score_alignment(clip, settings, paths, [r["prompt"] for r in records])
+                clip = scorers[key] = scorers.get(key) or _clip(settings, state)
+                metrics[metric] = (score_alignment(clip, settings, paths, [r["prompt"] for r in records], state)
                                    if metric == "clip_alignment" else
                                    score_class_forgetting(clip, settings, paths, [r["label"] for r in records],
-                                                          list(suite["prompts"]["classes"])))
+                                                          list(suite["prompts"]["classes"]), state))
             elif metric == "fid":
-                metrics[metric] = score_fid(settings, paths, fid_reference)
+                metrics[metric] = score_fid(settings, paths, fid_reference, state)
             elif metric == "micro_world":
-                from erasure.eval.micro import frechet_between, oracle_for, read_images, score_micro
+                from erasure.eval.micro import frechet_between, oracle_for
 
                 # One oracle reads every model (the first model's world's): an export carries no oracle.
-                oracle = oracle or oracle_for(settings, Path(run["folder"]))
-                metrics[metric], features = score_micro(oracle, settings, read_images(paths),
-                                                           [r["prompt"] for r in records])
+                oracle = oracle or oracle_for(settings, Path(run["folder"])).to(state.device)
+                metrics[metric], features = score_micro_world(oracle, settings, paths,
+                                                              [r["prompt"] for r in records], state)
                 reference = features if reference is None else reference
                 metrics[metric]["frechet_to_first"] = frechet_between(features, reference)
     if not state.is_main_process:
