@@ -23,7 +23,6 @@ open_clip's BPE tokenizer ships inside its wheel, so tokenisation is offline for
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -49,12 +48,6 @@ def _looks_like_path(value: str) -> bool:
         or value.lower().endswith(_CHECKPOINT_SUFFIXES)
         or Path(value).expanduser().is_file()
     )
-
-
-def _supported_kwargs(function, **kwargs) -> dict:
-    """The keyword arguments `function` accepts (older open_clip releases lack some)."""
-    parameters = inspect.signature(function).parameters
-    return {key: value for key, value in kwargs.items() if key in parameters}
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -97,11 +90,8 @@ class ClipScorer:
 
         # Nothing besides the CLIP weights themselves may be fetched (no default tower weights).
         create = open_clip.create_model_and_transforms
-        no_tower_weights = _supported_kwargs(
-            create, pretrained_image=False, pretrained_text=False, load_weights=False
-        )
-        # torch.load(weights_only=True) for .pt files: the default, named weights_only from open_clip 3.0
-        safe_load = _supported_kwargs(create, weights_only=True, load_weights_only=True)
+        no_tower_weights = dict(pretrained_image=False, pretrained_text=False, load_weights=False)
+        safe_load = dict(weights_only=True)  # torch.load(weights_only=True) for .pt files (open_clip's default)
         if pretrained is None:
             warnings.warn(
                 f"ClipScorer({model!r}, pretrained=None): randomly initialised CLIP; "
