@@ -60,7 +60,7 @@ def _help(text: str, **extra) -> dict:
 class TrainConfig:
     # What to erase, from what.
     model: str = field(default="", metadata=_help(
-        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sd3 / tiny:dit (built on first use) or "
+        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:uncond (built on first use) or "
         "world:micro (the shipped micro world)."))
     revision: str | None = field(default=None, metadata=_help("Hub revision of the base model."))
     method: str = field(default="", metadata=_help("One of: " + ", ".join(METHODS), choices=METHODS))

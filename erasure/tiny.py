@@ -1,4 +1,4 @@
-"""Tiny SD 1.x, SD3 and DiT pipelines built from config, for tests and the demo.
+"""Tiny SD 1.x, SD3, DiT and unconditional DDPM pipelines built from config, for tests and the demo.
 
 No weights can be downloaded here, so these fixtures are built in-process in seconds: the same
 diffusers and transformers classes as the real models, at a few hundred thousand parameters, with
@@ -288,9 +288,31 @@ def build_tiny_dit(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+def build_tiny_uncond(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny DDPMPipeline: an unconditional pixel-space UNet2DModel with self-attention at 8×8."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    # DDPM's own schedule (linear betas 1e-4 → 0.02, 1000 steps; Ho et al. 2020).
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
 TINY_BUILDERS = {
     "sd1": build_tiny_sd1,
     "sd1-v": lambda out, seed=0: build_tiny_sd1(out, seed, prediction_type="v_prediction"),
     "sd3": build_tiny_sd3,
     "dit": build_tiny_dit,
+    "uncond": build_tiny_uncond,
 }

@@ -102,11 +102,10 @@ class PromptTable:
 @torch.no_grad()
 def encode_images(backbone: Backbone, data: PromptImageSet, resolution: int, device, show: bool):
     means, stds = [], []
-    vae = backbone.pipe.vae
     for start in tqdm(range(0, len(data), 8), desc=f"encoding {data.name}", disable=not show):
         pixels = torch.stack([decode_image(data.images[i], resolution, data.name, i)
                               for i in range(start, min(start + 8, len(data)))])
-        mean, std = backbone.encode_images(pixels.to(device, vae.dtype))
+        mean, std = backbone.encode_images(pixels.to(device))
         means.append(mean.float().cpu())
         stds.append(std.float().cpu())
     return torch.cat(means), torch.cat(stds)

@@ -13,6 +13,7 @@ from erasure.backbones.base import Backbone, Conditioning, Noised
 from erasure.backbones.dit import DiTBackbone
 from erasure.backbones.sd1 import StableDiffusionBackbone
 from erasure.backbones.sd3 import StableDiffusion3Backbone
+from erasure.backbones.unconditional import UnconditionalBackbone
 from erasure.errors import ModelError, one_line
 
 __all__ = ["Backbone", "Conditioning", "Noised", "check_model", "load_backbone", "resolve_model", "wrap_pipeline"]
@@ -21,6 +22,7 @@ FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
     "StableDiffusion3Pipeline": StableDiffusion3Backbone,
     "DiTPipeline": DiTBackbone,
+    "DDPMPipeline": UnconditionalBackbone,
 }
 
 

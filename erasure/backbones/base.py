@@ -160,7 +160,7 @@ class Backbone:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] → the VAE posterior's mean and std; latents are drawn per step."""
-        dist = self.pipe.vae.encode(pixels).latent_dist
+        dist = self.pipe.vae.encode(pixels.to(self.pipe.vae.dtype)).latent_dist
         return dist.mean, dist.std
 
     def latents(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

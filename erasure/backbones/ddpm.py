@@ -51,3 +51,9 @@ class DDPMBackbone(Backbone):
 
         # ESD samples its x_t with DDIM (Gandikota et al. 2023, code: 50 DDIM steps).
         return DDIMScheduler.from_config(self.scheduler.config)
+
+
+def eps_half(output: torch.Tensor, channels: int) -> torch.Tensor:
+    """A learned-variance model's output is 2×C channels, eps then the variance interpolation (Nichol &
+    Dhariwal 2021; DiT): the eps half, as DiTPipeline splits it. Other outputs are returned as they are."""
+    return output[:, :channels] if output.shape[1] == 2 * channels else output

@@ -15,7 +15,7 @@ import torch
 
 from erasure.backbones.base import Conditioning
 from erasure.backbones.classes import ClassLabels
-from erasure.backbones.ddpm import DDPMBackbone
+from erasure.backbones.ddpm import DDPMBackbone, eps_half
 
 
 class DiTBackbone(DDPMBackbone):
@@ -59,6 +59,4 @@ class DiTBackbone(DDPMBackbone):
 
     def predict(self, model, x_t, timesteps, cond):
         out = model(x_t, timestep=timesteps, class_labels=cond["class_labels"], return_dict=False)[0]
-        channels = x_t.shape[1]
-        # Learned sigma: the eps half, as DiTPipeline splits it.
-        return out[:, :channels] if out.shape[1] == 2 * channels else out
+        return eps_half(out, x_t.shape[1])
