@@ -60,7 +60,7 @@ def _help(text: str, **extra) -> dict:
 class TrainConfig:
     # What to erase, from what.
     model: str = field(default="", metadata=_help(
-        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sd3 (built on first use) or "
+        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:uncond (built on first use) or "
         "world:micro (the shipped micro world)."))
     revision: str | None = field(default=None, metadata=_help("Hub revision of the base model."))
     method: str = field(default="", metadata=_help("One of: " + ", ".join(METHODS), choices=METHODS))
@@ -78,7 +78,7 @@ class TrainConfig:
     # Data.
     forget_data: str | None = field(default=None, metadata=_help(
         "Forget set D_f: a folder with metadata.jsonl (datasets imagefolder), a parquet file or "
-        "folder, a hub dataset id, tiny:forget, or a micro-world set such as world:striped/forget "
+        "folder, a hub dataset id, tiny:forget (tiny:class-forget for tiny:dit), or a micro-world set such as world:striped/forget "
         "(built on first use)."))
     retain_data: str | None = field(default=None, metadata=_help("Retain set D_r, same forms."))
     prompt_column: str = field(default="prompt", metadata=_help("Column holding the prompt."))
@@ -415,8 +415,11 @@ def _check_trackers(report_to: str) -> None:
 def check_data_source(key: str, value: str) -> None:
     """Local paths must exist now; `owner/name` that is not a local path is read as a hub id."""
     if value.startswith(TINY_DATA):
-        if value not in ("tiny:forget", "tiny:retain"):
-            raise RecipeError(f"{key}: {value!r}; the built-in tiny sets are tiny:forget and tiny:retain")
+        from erasure.data.tiny_pairs import TINY_SETS
+
+        if value.removeprefix(TINY_DATA) not in TINY_SETS:
+            raise RecipeError(f"{key}: {value!r}; the built-in tiny sets are "
+                              + ", ".join(TINY_DATA + name for name in TINY_SETS))
         return
     if value.startswith("world:"):
         from erasure.world.data import parse_source

@@ -42,8 +42,15 @@ def versions(packages=("erasure", "torch", "diffusers", "transformers", "acceler
     return found
 
 
+# Pipeline arguments that live only in model_index.json and that save_pretrained does not write back:
+# DiTPipeline takes its class-name map but does not register it (diffusers 0.42), so an export without
+# it would lose get_label_ids.
+INDEX_SETTINGS = ("id2label",)
+
+
 def _restore_components(staging: Path, base_folder: Path, names: tuple[str, ...]) -> None:
-    """Copy components the run did not load (SD3's T5 when training without it) from the base."""
+    """Copy components the run did not load (SD3's T5 when training without it) from the base, and the
+    base's INDEX_SETTINGS."""
     base_index = json.loads((base_folder / MODEL_INDEX).read_text())
     index = json.loads((staging / MODEL_INDEX).read_text())
     for name in names:
@@ -51,6 +58,9 @@ def _restore_components(staging: Path, base_folder: Path, names: tuple[str, ...]
         if entry and entry[0] and (base_folder / name).is_dir():
             shutil.copytree(base_folder / name, staging / name, dirs_exist_ok=True)
             index[name] = entry
+    for name in INDEX_SETTINGS:
+        if name in base_index and name not in index:
+            index[name] = base_index[name]
     (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 

@@ -157,7 +157,7 @@ class Monitor:
         if not prompts:
             return []
         pipe, device = self.backbone.pipe, self.accelerator.device
-        parked = self.backbone.text_encoders + [pipe.vae]
+        parked = self.backbone.encoders
         for module in parked:
             module.to(device)
         model = self.backbone.denoiser

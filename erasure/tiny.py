@@ -1,4 +1,4 @@
-"""Tiny SD 1.x and SD3 pipelines built from config, for tests and the demo.
+"""Tiny SD 1.x, SD3, DiT and unconditional DDPM pipelines built from config, for tests and the demo.
 
 No weights can be downloaded here, so these fixtures are built in-process in seconds: the same
 diffusers and transformers classes as the real models, at a few hundred thousand parameters, with
@@ -254,8 +254,65 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0, t5: bool = True) -> Path:
     return Path(out_dir)
 
 
+def build_tiny_dit(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny DiTPipeline: class-conditional DiT with learned sigma, CIFAR-10's class names."""
+    import json
+
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from erasure.data.tiny_pairs import CLASS_NAMES
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,  # eps and the variance interpolation, as DiT-XL/2
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        norm_num_groups=4,
+        # 1000 label rows and the null class at 1000, as ImageNet DiT: DiTPipeline hard-codes that
+        # null class for guidance. Ten of them are named.
+        num_embeds_ada_norm=1000,
+    )
+    # DiT's noise schedule (ADM's linear betas, 1000 steps).
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+    id2label = {str(i): name for i, name in enumerate(CLASS_NAMES)}
+    pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=scheduler, id2label=id2label)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # save_pretrained does not write id2label back (erasure.export.INDEX_SETTINGS); the hub's DiT
+    # folders carry it in model_index.json, which from_pretrained passes to DiTPipeline.
+    index = Path(out_dir) / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "id2label": id2label}, indent=2, sort_keys=True))
+    return Path(out_dir)
+
+
+def build_tiny_uncond(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny DDPMPipeline: an unconditional pixel-space UNet2DModel with self-attention at 8×8."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    # DDPM's own schedule (linear betas 1e-4 → 0.02, 1000 steps; Ho et al. 2020).
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
 TINY_BUILDERS = {
     "sd1": build_tiny_sd1,
     "sd1-v": lambda out, seed=0: build_tiny_sd1(out, seed, prediction_type="v_prediction"),
     "sd3": build_tiny_sd3,
+    "dit": build_tiny_dit,
+    "uncond": build_tiny_uncond,
 }

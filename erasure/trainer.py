@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from erasure.backbones import Backbone, load_backbone, resolve_model
+from erasure.backbones import Backbone, check_model, load_backbone, resolve_model
 from erasure.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from erasure.config import TrainConfig
 from erasure.data.paired import PromptImageSet, decode_image, load_prompt_image_set
@@ -88,7 +88,8 @@ class PromptTable:
         ordered = list(self.index)
         for start in tqdm(range(0, len(ordered), 32), desc="encoding prompts", disable=not show):
             cond = backbone.encode_prompts(ordered[start:start + 32], device)
-            chunks.append({k: v.to("cpu", dtype) for k, v in cond.items()})
+            # class labels stay integers; embeddings take the run's precision
+            chunks.append({k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in cond.items()})
         self.table = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
     def ids(self, prompts: list[str]) -> torch.Tensor:
@@ -101,11 +102,10 @@ class PromptTable:
 @torch.no_grad()
 def encode_images(backbone: Backbone, data: PromptImageSet, resolution: int, device, show: bool):
     means, stds = [], []
-    vae = backbone.pipe.vae
     for start in tqdm(range(0, len(data), 8), desc=f"encoding {data.name}", disable=not show):
         pixels = torch.stack([decode_image(data.images[i], resolution, data.name, i)
                               for i in range(start, min(start + 8, len(data)))])
-        mean, std = backbone.encode_images(pixels.to(device, vae.dtype))
+        mean, std = backbone.encode_images(pixels.to(device))
         means.append(mean.float().cpu())
         stds.append(std.float().cpu())
     return torch.cat(means), torch.cat(stds)
@@ -145,7 +145,8 @@ class Erasure:
         drawn = {"rows": rows, "latent_noise": torch.randn(shape, generator=g),
                  "noise": torch.randn(shape, generator=g),
                  "timesteps": self.backbone.sample_timesteps(B, g),
-                 "esd_stop": torch.randint(self.config.esd_sample_steps, (1,), generator=g).expand(B)}
+                 "esd_stop": torch.randint(self.config.esd_sample_steps, (1,), generator=g).expand(B),
+                 "relabel": torch.rand(B, generator=g)}  # SalUn's other class (class-conditional models)
         lo = self.accelerator.process_index * self.per_process
         return [{k: v[lo + i: lo + i + self.micro] for k, v in drawn.items()}
                 for i in range(0, self.per_process, self.micro)]
@@ -196,7 +197,11 @@ class Erasure:
             losses = denoising_losses(self.backbone, self.model, x0, noise, t, cond)
             return per_sample_ascent(losses, cap, c.forget_weight), losses.mean()
         if kind == "relabel":
-            anchor = self.fixed_cond(c.salun_anchor_prompt, len(noise))
+            # A class-conditional model relabels each forget image to a random other class (Fan et al.
+            # 2024, class-wise forgetting); a text model to the anchor prompt.
+            anchor = self.backbone.other_class(cond, micro["relabel"])
+            if anchor is None:
+                anchor = self.fixed_cond(c.salun_anchor_prompt, len(noise))
             loss = salun_relabel_loss(self.backbone, self.model, self.unwrapped, x0, noise, t, cond, anchor)
             return loss, loss
         if kind in ("orthogonal", "obtuse"):
@@ -411,8 +416,9 @@ def train(config: TrainConfig) -> Path:
 
     # Frozen parts on the device only while they encode; the exported copies stay float32.
     prompts = (forget_data.prompts if forget_data else []) + (retain_data.prompts if retain_data else [])
-    prompts += [""] + ([config.salun_anchor_prompt] if config.method == "salun" else [])
-    for module in backbone.text_encoders + [backbone.pipe.vae]:
+    relabels_to_anchor = config.method == "salun" and backbone.conditioning == "text"  # else to other classes
+    prompts += [""] + ([config.salun_anchor_prompt] if relabels_to_anchor else [])
+    for module in backbone.encoders:
         module.to(device)
     with accelerator.autocast():
         table = PromptTable(backbone, prompts, device, weight_dtype, main)
@@ -423,7 +429,7 @@ def train(config: TrainConfig) -> Path:
                 if data.images is not None:
                     mean, std = encode_images(backbone, data, resolution, device, main)
                 encoded[data.name] = EncodedSet(data, table.ids(data.prompts), mean, std)
-    for module in backbone.text_encoders + [backbone.pipe.vae]:
+    for module in backbone.encoders:
         module.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -457,8 +463,7 @@ def train(config: TrainConfig) -> Path:
     if sharded:
         now = dict(model.named_parameters())
         params = [now[n] for n in names]
-    latent_shape = (backbone.denoiser.config.in_channels, resolution // backbone.pipe.vae_scale_factor,
-                    resolution // backbone.pipe.vae_scale_factor)
+    latent_shape = backbone.latent_shape(resolution)
     run = Erasure(config, accelerator, backbone, model, params, optimizer, lr_scheduler, table,
                   encoded.get("forget_data"), encoded.get("retain_data"), frozen, latent_shape)
 
@@ -637,6 +642,9 @@ def _closed_form_edit(config: TrainConfig, accelerator, out: Path) -> Path:
     """UCE: the edit is computed once from prompts (no images, no steps) and exported like a run."""
     from erasure.methods.uce import uce_edit
 
+    with accelerator.main_process_first():
+        base_folder = resolve_model(config.model, config.revision)
+    check_model(base_folder, config)  # UCE needs text projections: refused on other families before the data
     data = {}
     for key in ("forget_data", "retain_data"):
         if getattr(config, key):
@@ -655,8 +663,6 @@ def _closed_form_edit(config: TrainConfig, accelerator, out: Path) -> Path:
     preserve = [p.strip() for p in (config.uce_preserve_prompts or "").split(";") if p.strip()]
     preserve = list(dict.fromkeys(preserve + (data["retain_data"].prompts if "retain_data" in data else [])))
 
-    with accelerator.main_process_first():
-        base_folder = resolve_model(config.model, config.revision)
     stats = {"processes": accelerator.num_processes, "device": str(accelerator.device)}
     if accelerator.is_main_process:  # seconds of work: one process edits and exports, the others wait
         backbone = load_backbone(base_folder, config)

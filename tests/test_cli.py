@@ -25,7 +25,8 @@ def test_accelerate_launch_train_py_with_a_tiny_recipe_on_a_fresh_cache(tmp_path
     assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
-@pytest.mark.parametrize("family,cls", [("sd1", "StableDiffusionPipeline"), ("sd3", "StableDiffusion3Pipeline")])
+@pytest.mark.parametrize("family,cls", [("sd1", "StableDiffusionPipeline"), ("sd3", "StableDiffusion3Pipeline"),
+                                        ("dit", "DiTPipeline"), ("uncond", "DDPMPipeline")])
 def test_erasure_tiny_writes_a_loadable_pipeline(family, cls, tmp_path):
     done = subprocess.run([sys.executable, "-m", "erasure.cli", "tiny", family, str(tmp_path / family)],
                           capture_output=True, text=True, timeout=300)

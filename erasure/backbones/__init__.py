@@ -10,15 +10,19 @@ from pathlib import Path
 import torch
 
 from erasure.backbones.base import Backbone, Conditioning, Noised
+from erasure.backbones.dit import DiTBackbone
 from erasure.backbones.sd1 import StableDiffusionBackbone
 from erasure.backbones.sd3 import StableDiffusion3Backbone
+from erasure.backbones.unconditional import UnconditionalBackbone
 from erasure.errors import ModelError, one_line
 
-__all__ = ["Backbone", "Conditioning", "Noised", "load_backbone", "resolve_model", "wrap_pipeline"]
+__all__ = ["Backbone", "Conditioning", "Noised", "check_model", "load_backbone", "resolve_model", "wrap_pipeline"]
 
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
     "StableDiffusion3Pipeline": StableDiffusion3Backbone,
+    "DiTPipeline": DiTBackbone,
+    "DDPMPipeline": UnconditionalBackbone,
 }
 
 
@@ -108,11 +112,19 @@ def check_family(name: str, where: str = "") -> None:
                          f"{', '.join(FAMILIES)}")
 
 
+def check_model(folder: Path, config=None) -> None:
+    """The folder's pipeline is a family erasure supports, and the recipe (if given) has a meaning for it."""
+    name = pipeline_class(folder)
+    check_family(name, f"{folder}: ")
+    if config is not None:
+        FAMILIES[name].check_recipe(config, name)
+
+
 def load_backbone(folder: Path, config=None) -> Backbone:
     """Load the pipeline in float32 from safetensors only, never with remote code."""
     from diffusers import DiffusionPipeline
 
-    check_family(pipeline_class(folder), f"{folder}: ")  # before any weights load
+    check_model(folder, config)  # before any weights load
     extra = {}
     if is_sd3(folder) and (not has_t5(folder) or (config is not None and not config.use_t5)):
         # Training without T5 saves its memory (≈ 19 GB in fp32 for SD3); export copies it back.

@@ -3,7 +3,11 @@
 A backbone wraps a loaded diffusers pipeline and answers: which parameters train for a scope, how
 prompts become conditioning, how a clean latent is noised (with the native training target), how a
 native prediction becomes a noise prediction, and which scheduler samples from it. Methods only talk
-to this interface, so each method is written once for SD 1.x and SD3.
+to this interface, so each method is written once for every family.
+
+Conditioning is the one place where "prompt embeddings, class labels or nothing" is decided: the
+trainer calls prompts prompts throughout (a class-conditional model's prompts are class names, an
+unconditional model's are empty) and `encode_prompts` turns them into what the denoiser takes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from erasure.errors import RecipeError
 
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors the denoiser takes as keyword args
+CONDITIONING_WORDS = {"text": "prompt embeddings", "class": "class labels", "none": "nothing (unconditional)"}
 
 
 @dataclass
@@ -44,7 +49,12 @@ def token_segments(tokenizer, prompts: list[str], max_length: int, offset: int =
 
 class Backbone:
     family: str
-    # Regexes over parameter names. `cross_attention`: the weights that read the text (ESD-x);
+    # What the denoiser is conditioned on: "text" (prompt embeddings), "class" (class labels) or
+    # "none"; a method that has no meaning for it is refused before the weights load (check_recipe).
+    conditioning = "text"
+    # Scopes that have no meaning for the family, with the reason (check_recipe says it).
+    scope_refusals: dict[str, str] = {}
+    # Regexes over parameter names. `cross_attention`: the weights that read the conditioning (ESD-x);
     # `noxattn_excluded`: what ESD-u also leaves alone (time embedding and output layer, as the ESD
     # code's "noxattn" does); `lora_targets`: module names that get LoRA adapters.
     cross_attention: str
@@ -55,6 +65,26 @@ class Backbone:
     def __init__(self, pipe, use_t5: bool = True):
         self.pipe = pipe
         self.use_t5 = use_t5
+
+    @classmethod
+    def check_recipe(cls, config, pipeline: str) -> None:
+        """Refuse, before any weights load, a method or scope that has no meaning for this family."""
+        from erasure.config import SCOPES
+        from erasure.methods import METHOD_TABLE
+
+        method = METHOD_TABLE[config.method]
+        if cls.conditioning not in method.runs_on:
+            runs = [m for m, entry in METHOD_TABLE.items() if cls.conditioning in entry.runs_on]
+            raise RecipeError(f"method: {config.method} {method.needs}; {pipeline} is conditioned on "
+                              f"{CONDITIONING_WORDS[cls.conditioning]}. Methods that run on it: {', '.join(runs)}")
+        if config.scope in cls.scope_refusals:
+            allowed = [s for s in SCOPES if s not in cls.scope_refusals]
+            raise RecipeError(f"scope: {config.scope} on {pipeline}: {cls.scope_refusals[config.scope]}; "
+                              f"scopes for it: {', '.join(allowed)}")
+        if config.monitor_every and cls.conditioning != "text":
+            raise RecipeError(f"monitor_every: the training monitor samples prompts with a text-to-image "
+                              f"pipeline; {pipeline} is conditioned on {CONDITIONING_WORDS[cls.conditioning]}. "
+                              "Set monitor_every: 0")
 
     # ---- the model ----------------------------------------------------------------------------
     @property
@@ -69,12 +99,27 @@ class Backbone:
     def text_encoders(self) -> list[torch.nn.Module]:
         raise NotImplementedError
 
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        """The frozen modules that encode prompts and images (on the device only while they encode)."""
+        return self.text_encoders + [self.pipe.vae]
+
     def inert(self, name: str) -> bool:
         """Weights that cannot affect the prediction (their gradient is always zero)."""
         return False
 
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent pixel: the VAE halves the size in every down block after the first (the
+        vae_scale_factor of diffusers' SD pipelines, which DiTPipeline does not define)."""
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        side = resolution // self.latent_scale
+        return (self.denoiser.config.in_channels, side, side)
+
     def native_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+        return self.denoiser.config.sample_size * self.latent_scale
 
     def select_trainable(self, scope: str, lora_rank: int = 4, lora_alpha: float | None = None):
         """Freeze everything, then unfreeze (or attach LoRA to) the scope's weights.
@@ -115,13 +160,19 @@ class Backbone:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] → the VAE posterior's mean and std; latents are drawn per step."""
-        dist = self.pipe.vae.encode(pixels).latent_dist
+        dist = self.pipe.vae.encode(pixels.to(self.pipe.vae.dtype)).latent_dist
         return dist.mean, dist.std
 
     def latents(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae.config
         z = mean + std * noise
         return (z - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
+
+    def other_class(self, cond: Conditioning, u: torch.Tensor) -> Conditioning | None:
+        """SalUn's relabelling on a class-conditional model: each sample's class replaced by one drawn
+        uniformly (``u`` in [0, 1) per sample) from the model's other classes. None for a model without
+        classes, where SalUn relabels to its anchor prompt."""
+        return None
 
     def token_segments(self, prompts: list[str]) -> list[list[TokenSegment]]:
         """Per prompt, the tokenizer segments of its conditioning sequence (UCE picks positions)."""

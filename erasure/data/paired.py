@@ -126,9 +126,9 @@ def _read_hub(dataset_id: str, name: str, image_column: str) -> list[dict]:
 def load_prompt_image_set(name: str, source: str, prompt_column: str = "prompt",
                           image_column: str = "image", need_images: bool = True) -> PromptImageSet:
     if source.startswith("tiny:"):
-        from erasure.data.tiny_pairs import tiny_pairs
+        from erasure.data.tiny_pairs import tiny_set
 
-        source_path = tiny_pairs() / source.removeprefix("tiny:")
+        source_path = tiny_set(source.removeprefix("tiny:"))
     elif source.startswith("world:"):
         from erasure.world.data import parse_source, world_pairs
 
