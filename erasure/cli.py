@@ -292,13 +292,16 @@ def _main(argv: list[str] | None = None) -> None:
     data = commands.add_parser("data", help="render paired images for a prompt set")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     generate = data_commands.add_parser("generate", help="render DIR/forget and DIR/retain image folders")
-    generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build`")
-    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3")
+    generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build` (forget_prompt / "
+                          "retain_prompt per line; class names for a class-conditional model such as DiT)")
+    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:uncond")
     generate.add_argument("--out", required=True)
     generate.add_argument("--steps", type=int,
-                          help="sampler steps (default: the model's own sampler: a micro world's 20, SD's 50)")
+                          help="sampler steps (default: the model's own sampler: a micro world's 20, SD's and DiT's "
+                          "50, DDPM's 1000)")
     generate.add_argument("--guidance", type=float,
-                          help="guidance scale (default: the model's own: a micro world's 3, SD's 7.5)")
+                          help="guidance scale (default: the model's own: a micro world's 3, SD's 7.5, DiT's 4; DDPM "
+                          "has none: 1)")
     generate.add_argument("--size", type=int, help="image size; default: the model's native size")
     generate.add_argument("--batch-size", type=int, default=4)
     generate.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from erasure.atomic import write_atomically
+from erasure.errors import RecipeError
 
 
 def process_state():
@@ -34,14 +35,66 @@ def denoiser(pipe):
 
 
 def native_size(pipe) -> int:
-    return denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+    from erasure.backbones.base import latent_scale
+
+    side = denoiser(pipe).config.sample_size
+    return (side if isinstance(side, int) else side[0]) * latent_scale(pipe)
+
+
+# Pipelines that draw at their native size only (their __call__ takes no height/width) and, for
+# DDPMPipeline, without guidance: an unconditional model has no conditional prediction to extrapolate.
+FIXED_SIZE = ("DiTPipeline", "DDPMPipeline")
+NO_GUIDANCE = 1.0  # the scale at which classifier-free guidance is the conditional prediction alone
+
+
+def drawn_size(pipe, size: int | None, guidances=()) -> int:
+    """The side images are drawn at (``size``, or the model's native one); refuses, before anything
+    is drawn, what this pipeline cannot draw: another size for DiT / DDPM, a guidance for DDPM."""
+    kind, native = type(pipe).__name__, native_size(pipe)
+    if kind in FIXED_SIZE and size not in (None, native):
+        raise RecipeError(f"size: {kind} draws only at its native {native} px (its __call__ takes no "
+                          f"height or width); got {size}. Leave size unset")
+    if kind == "DDPMPipeline" and any(g != NO_GUIDANCE for g in guidances):
+        shown = next(g for g in guidances if g != NO_GUIDANCE)
+        raise RecipeError(f"guidance: {shown} for DDPMPipeline, an unconditional model: it has no condition "
+                          f"to guide towards; use guidance {NO_GUIDANCE:g} (none)")
+    return size or native
 
 
 def initial_noise(pipe, seeds: list[int], size: int) -> torch.Tensor:
     """One latent per seed, each from its own CPU generator."""
-    channels, side = denoiser(pipe).config.in_channels, size // pipe.vae_scale_factor
+    from erasure.backbones.base import latent_scale
+
+    channels, side = denoiser(pipe).config.in_channels, size // latent_scale(pipe)
     return torch.stack([torch.randn(channels, side, side, generator=torch.Generator("cpu").manual_seed(int(s)))
                         for s in seeds])
+
+
+def sampler_arguments(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+                      size: int) -> dict:
+    """The pipeline call's keyword arguments: the one place where the families' __call__ differ.
+
+    Text-to-image pipelines take prompts and the starting latents. DiTPipeline and DDPMPipeline take
+    no latents, only generators: diffusers' randn_tensor draws image j from generator j when given a
+    list (``torch.randn((1, …), generator=g[j])`` per image), so one CPU generator per image keeps
+    its noise independent of its batch, as the latents do. DDPMPipeline's scheduler steps draw
+    their noise from the same generators, image by image; DiT's DDIM steps draw none."""
+    kind = type(pipe).__name__
+    drawn_size(pipe, size, [guidance])
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    common = dict(num_inference_steps=steps, output_type="np")
+    if kind == "DiTPipeline":
+        from erasure.backbones.dit import dit_classes
+
+        # Class names are the prompts ("" the null class), as in training; DiT guides with its null
+        # class when guidance_scale > 1.
+        labels = dit_classes(pipe).encode(list(prompts), "cpu").tolist()
+        return dict(class_labels=labels, guidance_scale=guidance, generator=generators, **common)
+    if kind == "DDPMPipeline":
+        return dict(batch_size=len(seeds), generator=generators, **common)  # prompts mean nothing to it
+    model = denoiser(pipe)
+    latents = initial_noise(pipe, seeds, size).to(model.device, model.dtype)
+    return dict(prompt=list(prompts), guidance_scale=guidance, height=size, width=size, latents=latents, **common)
 
 
 @torch.no_grad()
@@ -49,12 +102,10 @@ def draw(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: fl
          size: int | None = None) -> tuple[np.ndarray, list[bool]]:
     """uint8 N×H×W×3 images for ``prompts`` (image j from ``seeds[j]``) with the pipeline's own
     sampler, and per image whether its pixels were finite: a NaN image is returned black and must
-    not pass for a clean one."""
-    size = size or native_size(pipe)
-    model = denoiser(pipe)
-    latents = initial_noise(pipe, seeds, size).to(model.device, model.dtype)
-    arrays = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size,
-                  width=size, latents=latents, output_type="np").images
+    not pass for a clean one. A class-conditional pipeline's prompts are class names; an
+    unconditional one's are ignored (one image per seed)."""
+    arrays = pipe(**sampler_arguments(pipe, prompts, seeds, steps=steps, guidance=guidance,
+                                      size=size or native_size(pipe))).images
     finite = [bool(np.isfinite(a).all()) for a in arrays]
     arrays = np.nan_to_num(arrays, nan=0.0, posinf=0.0, neginf=0.0)
     return np.clip(np.rint(arrays * 255), 0, 255).astype(np.uint8), finite

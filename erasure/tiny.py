@@ -254,8 +254,25 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0, t5: bool = True) -> Path:
     return Path(out_dir)
 
 
+# Imagenette's ten classes (fast.ai's ImageNet subset, ESD's object-erasure classes) as ImageNet's
+# WordNet names, which DiT's id2label carries (timm's imagenet_synset_to_lemma.txt), with their
+# ImageNet-1k label ids; DiTPipeline accepts each comma-separated synonym ("tench", "Tinca tinca").
+IMAGENETTE_IDS = {
+    "tench, Tinca tinca": 0,
+    "English springer, English springer spaniel": 217,
+    "cassette player": 482,
+    "chain saw, chainsaw": 491,
+    "church, church building": 497,
+    "French horn, horn": 566,
+    "garbage truck, dustcart": 569,
+    "gas pump, gasoline pump, petrol pump, island dispenser": 571,
+    "golf ball": 574,
+    "parachute, chute": 701,
+}
+
+
 def build_tiny_dit(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny DiTPipeline: class-conditional DiT with learned sigma, CIFAR-10's class names."""
+    """A tiny DiTPipeline: class-conditional DiT with learned sigma, CIFAR-10's and Imagenette's class names."""
     import json
 
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -278,7 +295,11 @@ def build_tiny_dit(out_dir: str | Path, seed: int = 0) -> Path:
     )
     # DiT's noise schedule (ADM's linear betas, 1000 steps).
     scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
-    id2label = {str(i): name for i, name in enumerate(CLASS_NAMES)}
+    # CIFAR-10's names at 0–9 (tiny:class-forget / -retain), then Imagenette's ten as DiT-XL-2-256's
+    # id2label spells them (at 10–19 here; ImageNet's ids are in IMAGENETTE_IDS), so the shipped
+    # eval/dit-class-forgetting.yaml runs on this fixture as it is.
+    names = list(CLASS_NAMES) + list(IMAGENETTE_IDS)
+    id2label = {str(i): name for i, name in enumerate(names)}
     pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=scheduler, id2label=id2label)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # save_pretrained does not write id2label back (erasure.export.INDEX_SETTINGS); the hub's DiT

@@ -47,6 +47,14 @@ def token_segments(tokenizer, prompts: list[str], max_length: int, offset: int =
             for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
 
 
+def latent_scale(pipe) -> int:
+    """Pixels per latent pixel: the VAE halves the size in every down block after the first (the
+    vae_scale_factor of diffusers' SD pipelines, which DiTPipeline does not define); 1 in pixel space
+    (DDPMPipeline has no VAE)."""
+    vae = getattr(pipe, "vae", None)
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 class Backbone:
     family: str
     # What the denoiser is conditioned on: "text" (prompt embeddings), "class" (class labels) or
@@ -110,9 +118,7 @@ class Backbone:
 
     @property
     def latent_scale(self) -> int:
-        """Pixels per latent pixel: the VAE halves the size in every down block after the first (the
-        vae_scale_factor of diffusers' SD pipelines, which DiTPipeline does not define)."""
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        return latent_scale(self.pipe)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         side = resolution // self.latent_scale

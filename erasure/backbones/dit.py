@@ -18,6 +18,17 @@ from erasure.backbones.classes import ClassLabels
 from erasure.backbones.ddpm import DDPMBackbone, eps_half
 
 
+def dit_classes(pipe) -> ClassLabels:
+    """A DiTPipeline's class names → label ids, as its get_label_ids reads them (every synonym of an
+    id2label value such as "tench, Tinca tinca" names the class); training and drawing both use it."""
+    # The label-embedding table's last row is the null class; DiTPipeline hard-codes it as 1000,
+    # ImageNet DiT's num_embeds_ada_norm, which is what the table says for every DiT.
+    null_class = pipe.transformer.config.num_embeds_ada_norm
+    # A DiT saved without its id2label map is addressed by label ids written as numbers.
+    names = dict(pipe.labels) or {str(i): i for i in range(null_class)}
+    return ClassLabels(names, null_class, f"DiT model {getattr(pipe, 'name_or_path', None) or ''}".strip())
+
+
 class DiTBackbone(DDPMBackbone):
     family = "dit"
     conditioning = "class"
@@ -30,13 +41,7 @@ class DiTBackbone(DDPMBackbone):
 
     def __init__(self, pipe, use_t5: bool = True):
         super().__init__(pipe, use_t5)
-        config = pipe.transformer.config
-        # The label-embedding table's last row is the null class; DiTPipeline hard-codes it as 1000,
-        # ImageNet DiT's num_embeds_ada_norm, which is what the table says for every DiT.
-        null_class = config.num_embeds_ada_norm
-        # A DiT saved without its id2label map is addressed by label ids written as numbers.
-        names = dict(pipe.labels) or {str(i): i for i in range(null_class)}
-        self.classes = ClassLabels(names, null_class, f"DiT model {getattr(pipe, 'name_or_path', None) or ''}".strip())
+        self.classes = dit_classes(pipe)
         # In train mode DiT's label embedding drops 10 % of the labels to the null class (its own CFG
         # training), drawn from the global RNG: erasure sets every sample's conditioning itself, and a
         # dropped forget label would ascend the unconditional loss and break the (seed, step) draws.

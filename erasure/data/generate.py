@@ -22,7 +22,7 @@ from pathlib import Path
 
 from erasure.data.paired import numbered_jsonl
 from erasure.atomic import TMP_SUFFIX, write_atomically
-from erasure.generation import Job, native_size, process_state, render
+from erasure.generation import Job, drawn_size, process_state, render
 from erasure.config import MAX_SEED
 from erasure.errors import DataError, RecipeError
 
@@ -129,7 +129,10 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
 
     Image k of pair i (i counts the file's non-blank lines from 0) is `{i:06d}_{k}.png` on both
     sides, rendered from seed `seed * 1_000_003 + i * images_per_prompt + k`. `steps` and `guidance`
-    default to the model's own sampler (a micro world's recorded one; SD's 50 steps at 7.5)."""
+    default to the model's own sampler (erasure.world.model.default_sampler).
+
+    For a class-conditional model (DiT) the prompts are class names: the forget side the class to
+    forget, the retain side another class; an unconditional model (DDPM) ignores them."""
     from tqdm.auto import tqdm
 
     from erasure.backbones import resolve_model, weights_sha256
@@ -158,7 +161,7 @@ def generate_pairs(prompts_file: str | Path, model: str, out_dir: str | Path, *,
     pipe = load_pipeline(folder, device, dtype)
     settings = {
         "model": model, "weights_sha256": weights_sha256(folder), "steps": int(steps), "guidance": float(guidance),
-        "size": int(size or native_size(pipe)), "seed": int(seed),
+        "size": int(drawn_size(pipe, size, [guidance])), "seed": int(seed),
         "images_per_prompt": int(images_per_prompt), "dtype": dtype,
         "prompts_file": str(prompts_file.resolve()),
         "prompts_sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest(),

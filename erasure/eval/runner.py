@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from erasure.atomic import write_atomically
 from erasure.data.generate import load_pipeline
-from erasure.generation import Job, native_size, process_state, render
+from erasure.generation import Job, drawn_size, process_state, render
 from erasure.backbones import weights_sha256
 from erasure.data.paired import numbered_jsonl
 from erasure.errors import DataError, ModelError
@@ -160,7 +160,7 @@ def generate_images(model: str, items: list[dict], generation: dict, out: Path, 
     if todo:
         pipe = load_pipeline(folder, str(device), dtype)
         run = {**identity, "folder": str(folder), "sampler": type(pipe.scheduler).__name__,
-               "size": generation["size"] or native_size(pipe)}
+               "size": drawn_size(pipe, generation["size"], {r["guidance"] for r in todo})}
         if main:
             write_atomically(run_file, lambda f: f.write(json.dumps(run).encode()))
     state.wait_for_everyone()

@@ -139,10 +139,22 @@ def world_sampler(folder=None) -> tuple[int, float]:
     return sampler["num_inference_steps"], sampler["guidance_scale"]
 
 
+# (steps, guidance) of pipelines that do not sample like Stable Diffusion: their own __call__
+# defaults in diffusers 0.42. DiTPipeline: num_inference_steps=50, guidance_scale=4.0 (its DDIM
+# sampler; the DiT paper's own samples take 250 DDPM steps at cfg 1.5 for FID, 4.0 for pictures).
+# DDPMPipeline: num_inference_steps=1000 and no guidance (1: the model's prediction alone).
+PIPELINE_SAMPLERS = {"DiTPipeline": (50, 4.0), "DDPMPipeline": (1000, 1.0)}
+
+
 def default_sampler(folder) -> tuple[int, float]:
     """(steps, guidance) a pipeline folder is drawn with when nobody says otherwise: a world's own
-    sampler (the one its quality bar and its suites use), else Stable Diffusion's (50 steps, 7.5)."""
-    return world_sampler(folder) if (Path(folder) / WORLD_FILE).is_file() else (50, 7.5)
+    sampler (the one its quality bar and its suites use), DiT's and DDPM's pipeline defaults, else
+    Stable Diffusion's (50 steps, 7.5)."""
+    if (Path(folder) / WORLD_FILE).is_file():
+        return world_sampler(folder)
+    from erasure.backbones import pipeline_class
+
+    return PIPELINE_SAMPLERS.get(pipeline_class(Path(folder)), (50, 7.5))
 
 
 def world_oracle(folder) -> Oracle:
