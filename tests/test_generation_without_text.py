@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_weights, run_recipe
+from conftest import REPO, TINY_CLIP_CONFIG, read_weights, run_recipe
 from erasure.errors import DataError, RecipeError
 
 STEPS = 2  # rough pictures, as deterministic as fifty
@@ -79,3 +79,23 @@ def test_data_generate_on_class_names_writes_sets_the_trainer_reads(tiny, tmp_pa
     base = read_weights(resolve_model("tiny:dit") / "transformer")
     after = read_weights(out / "transformer")
     assert any(not torch.equal(base[n], after[n]) for n in base)  # it trained on the generated sets
+
+
+def test_shipped_dit_suite_runs_on_tiny_dit(tmp_path):
+    from erasure.cli import main
+
+    clip = tmp_path / "tiny-clip"  # open_clip reads a model from a folder; random weights
+    clip.mkdir()
+    (clip / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG}))
+    torch.manual_seed(0)
+    # The first five classes end with the erased one (church); the tiny fixture carries Imagenette's
+    # names as DiT-XL-2-256's id2label spells them, so the shipped suite runs as it is.
+    main(["eval", "--suite", str(REPO / "eval/dit-class-forgetting.yaml"), "--model", "tiny:dit",
+          "--out", str(tmp_path / "e"), "--limit", "5", "--images-per-prompt", "1", "--steps", str(STEPS),
+          "--clip-model", f"local-dir:{clip}", "--clip-pretrained", "random"])
+    report = json.loads((tmp_path / "e/report.json").read_text())
+    result = report["models"][0]["metrics"]["class_forgetting"]
+    assert result["n_erased"] == 1 and result["n_retained"] == 4 and 0 <= result["UA"] <= 1 and 0 <= result["RA"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "e/images/0-tiny-dit/metadata.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["tench", "English springer", "cassette player", "chain saw", "church"]
+    assert {r["guidance"] for r in rows} == {4.0}
