@@ -99,3 +99,16 @@ def test_shipped_dit_suite_runs_on_tiny_dit(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "e/images/0-tiny-dit/metadata.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["tench", "English springer", "cassette player", "chain saw", "church"]
     assert {r["guidance"] for r in rows} == {4.0}
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes/dit").glob("*.yaml")))
+def test_dit_recipes_have_a_meaning_for_dit(recipe, tiny):
+    """The shipped DiT recipes pass the family's checks (tiny:dit standing in for DiT-XL-2-256)."""
+    from erasure.backbones import check_model
+    from erasure.config import TrainConfig, read_recipe
+
+    values = read_recipe(REPO / "recipes/dit" / recipe)
+    for key in ("forget_data", "retain_data"):
+        if values.get(key):
+            values[key] = "tiny:class-" + key.split("_")[0]
+    check_model(tiny["dit"], TrainConfig(**values))
