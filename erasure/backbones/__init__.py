@@ -30,6 +30,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ERASURE_CACHE", Path.home() / ".cache" / "erasure"))
 
 
+def fixture_cache(name: str) -> Path:
+    """Where the tiny fixture or set NAME is built: keyed by the source of the code that builds them,
+    so a fixture an older erasure built (other classes, another size) is not reused by a newer one."""
+    from erasure import tiny
+    from erasure.data import tiny_pairs
+
+    digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (tiny, tiny_pairs))).hexdigest()
+    return cache_dir() / "tiny" / f"{name}-{digest[:12]}"
+
+
 def resolve_model(model: str, revision: str | None = None) -> Path:
     """A local folder holding the pipeline: tiny:* fixtures are built, world:micro is the micro world
     shipped with the package, hub ids are downloaded
@@ -41,7 +51,7 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
         name = model.removeprefix("tiny:")
         if name not in TINY_BUILDERS:
             raise ModelError(f"model: {model!r}; tiny fixtures are {', '.join('tiny:' + n for n in TINY_BUILDERS)}")
-        return build_atomically(cache_dir() / "tiny" / name, TINY_BUILDERS[name])
+        return build_atomically(fixture_cache(name), TINY_BUILDERS[name])
     if model.startswith("world:"):
         from erasure.world.model import world_path
 

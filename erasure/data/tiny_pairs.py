@@ -104,10 +104,10 @@ def tiny_pairs() -> Path:
 
 
 def _built(name: str, builder) -> Path:
-    from erasure.backbones import cache_dir
     from erasure.atomic import build_atomically
+    from erasure.backbones import fixture_cache
 
-    return build_atomically(cache_dir() / "tiny" / name, builder)
+    return build_atomically(fixture_cache(name), builder)
 
 
 # tiny:NAME → (cache folder, its builder, the side)
