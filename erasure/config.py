@@ -134,6 +134,11 @@ class TrainConfig:
     forget_loss_cap_per_sample: bool = field(default=False, metadata=_help(
         "Truncate each sample's forget loss at the cap, not the batch mean: mean_i min(l_i, cap), so a "
         "sample already forgotten stops pushing while the others still ascend (new option)."))
+    forget_loss_cap_per_element: bool = field(default=False, metadata=_help(
+        "Truncate each element of the squared error at forget_loss_cap before averaging: "
+        "mean_j min((pred − target)_j², cap), RGD's class-wise truncation (its CIFAR-10 EDM code); an "
+        "element already far from its target stops pushing (new option for the methods here; the "
+        "papers' SD runs cap the batch mean)."))
     forget_loss_cap_relative: float | None = field(default=None, metadata=_help(
         "k: cap each sample's forget loss at k times the base model's loss on the same x_t, t and prompt, "
         "mean_i min(l_i(θ), k·l_i(θ₀)) — ascent stops at a set distance from the base model, whatever the "
@@ -287,6 +292,16 @@ class TrainConfig:
         if self.forget_loss != "ascent" and not ascends:
             raise RecipeError(f"forget_loss: {self.forget_loss} replaces gradient ascent (graddiff, graddiffd, rg, "
                               f"rgd); {self.method} does not ascend")
+        if self.forget_loss_cap_per_element:
+            if not ascends:
+                raise RecipeError(f"forget_loss_cap_per_element: caps gradient ascent (graddiff, graddiffd, rg, "
+                                  f"rgd); {self.method} does not ascend")
+            if self.forget_loss_cap is None:
+                raise RecipeError("forget_loss_cap_per_element: truncates each element at forget_loss_cap; "
+                                  "set forget_loss_cap (RGD's class-wise value: 0.1)")
+            if self.forget_loss_cap_per_sample or self.forget_loss_cap_relative is not None or self.forget_loss == "twin":
+                raise RecipeError("forget_loss_cap_per_element: one truncation at a time; leave "
+                                  "forget_loss_cap_per_sample, forget_loss_cap_relative and forget_loss: twin unset")
         if self.forget_loss == "twin" and (self.forget_loss_cap_relative is not None or self.forget_loss_cap_per_sample):
             key = "forget_loss_cap_relative" if self.forget_loss_cap_relative is not None else "forget_loss_cap_per_sample"
             raise RecipeError(f"{key}: caps the ascent; forget_loss: twin has no ascent to cap "

@@ -33,9 +33,9 @@ from erasure.data.paired import PromptImageSet, decode_image, load_prompt_image_
 from erasure.errors import DataError, DivergedError, RecipeError
 from erasure.methods import METHOD_TABLE
 from erasure.methods.esd import sample_partial_trajectory
-from erasure.methods.objectives import (denoising_loss, denoising_losses, distillation_loss, esd_loss,
-                                        forget_ascent, guided_denoising_loss, msgm_loss, per_sample_ascent,
-                                        salun_relabel_loss, twin_target)
+from erasure.methods.objectives import (denoising_loss, denoising_losses, distillation_loss,
+                                        element_capped_losses, esd_loss, forget_ascent, guided_denoising_loss,
+                                        msgm_loss, per_sample_ascent, salun_relabel_loss, twin_target)
 from erasure.methods.restricted_gradient import cosine, global_inner_products, update_coefficients
 from erasure.methods.saliency import saliency_mask
 from erasure.sharding import local, shard_like, whole, whole_from_local
@@ -186,6 +186,9 @@ class Erasure:
             twin = self.prompts.cond(self.retain.prompt_ids[micro["rows"]], self.device)
             loss = self.distill(x0, noise, t, cond, twin, away_from=c.twin_negative_guidance)
             return c.forget_weight * loss, loss
+        if kind == "ascent" and c.forget_loss_cap_per_element:
+            losses = element_capped_losses(self.backbone, self.model, x0, noise, t, cond, c.forget_loss_cap)
+            return forget_ascent(losses.mean(), None, c.forget_weight), losses.mean()
         if kind == "ascent":
             if not (c.forget_loss_cap_per_sample or c.forget_loss_cap_relative):
                 loss = denoising_loss(self.backbone, self.model, x0, noise, t, cond)

@@ -5,8 +5,8 @@ import torch
 
 from conftest import read_weights, run_recipe
 from erasure.backbones.base import Backbone, Noised
-from erasure.methods.objectives import (denoising_loss, denoising_losses, esd_loss, forget_ascent,
-                                        guided_denoising_loss, msgm_loss, per_sample_ascent,
+from erasure.methods.objectives import (denoising_loss, denoising_losses, element_capped_losses, esd_loss,
+                                        forget_ascent, guided_denoising_loss, msgm_loss, per_sample_ascent,
                                         distillation_loss, salun_relabel_loss)
 
 
@@ -70,6 +70,41 @@ def test_per_sample_cap_silences_only_the_samples_past_it():
     expected = grads(-2.0 * (denoising_losses(backbone, model, x0, noise, t, cond) * below).sum() / len(losses), model)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_per_element_cap_silences_only_the_elements_past_it():
+    """RGD's class-wise truncation: mean_j min(err_j², cap); an element past the cap adds its cap and no
+    gradient, the rest add their squared error as usual."""
+    backbone, (model, x0, noise, t, cond, _) = ToyBackbone(), toy()
+    noised = backbone.add_noise(x0, noise, t)
+    error = backbone.predict(model, noised.x_t, t, cond) - noised.target
+    squared = error.detach().pow(2)
+    cap = float(squared.flatten().median())  # about half the elements past it
+    below = squared < cap
+    assert 0 < int(below.sum()) < below.numel()
+    losses = element_capped_losses(backbone, model, x0, noise, t, cond, cap)
+    torch.testing.assert_close(losses, torch.where(below, squared, torch.full_like(squared, cap)).mean(1))
+    got = grads(forget_ascent(element_capped_losses(backbone, model, x0, noise, t, cond, cap).mean(), None, 2.0),
+                model)
+    kept = backbone.predict(model, noised.x_t, t, cond) - noised.target
+    expected = grads(-2.0 * (kept.pow(2) * below).mean(1).mean(), model)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_per_element_cap_trains_rgd_and_is_refused_where_it_means_nothing(tiny_sd1, tmp_path):
+    from erasure.config import parse_config
+    from erasure.errors import RecipeError
+
+    out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "run", max_steps=2,
+                     checkpointing_steps=0, forget_loss_cap=0.5, forget_loss_cap_per_element="true")
+    base, moved = read_weights(tiny_sd1 / "unet"), read_weights(out / "unet")
+    assert any(not torch.equal(base[k], moved[k]) for k in base)
+    for extra, message in ((["--forget_loss_cap", "null"], "set forget_loss_cap"),
+                           (["--forget_loss_cap_per_sample", "true"], "one truncation at a time"),
+                           (["--method", "finetune"], "finetune does not ascend")):
+        with pytest.raises(RecipeError, match=message):
+            parse_config(["--recipe", "recipes/tiny/rgd.yaml", "--forget_loss_cap_per_element", "true", *extra])
 
 
 def test_relative_cap_is_k_times_the_base_loss_of_each_sample():

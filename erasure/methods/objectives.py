@@ -25,6 +25,18 @@ def denoising_losses(backbone: Backbone, model, x0, noise, timesteps, cond: Cond
     return _weighted(_per_sample_mse(backbone.predict(model, noised.x_t, timesteps, cond), noised.target), noised)
 
 
+def element_capped_losses(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning,
+                          cap: float) -> torch.Tensor:
+    """l_i(θ) = mean_j min((pred − target)_j², cap), weighted: the squared error truncated element by
+    element before the mean (new option forget_loss_cap_per_element). It is RGD's class-wise forget
+    loss: Ko, Li et al. 2024, code CIFAR/training/loss.py, EDMLoss with truncate, weight · min((D − y)², α).
+    An element already past the cap has zero gradient, so ascent pushes only where the prediction is
+    still close to its target."""
+    noised = backbone.add_noise(x0, noise, timesteps)
+    squared = (backbone.predict(model, noised.x_t, timesteps, cond).float() - noised.target.float()).pow(2)
+    return _weighted(torch.clamp(squared, max=cap).flatten(1).mean(1), noised)
+
+
 def denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning):
     """l(θ; batch) = mean_i l_i(θ)."""
     return denoising_losses(backbone, model, x0, noise, timesteps, cond).mean()
