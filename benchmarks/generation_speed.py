@@ -75,6 +75,7 @@ def speed(args, model: Path) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from erasure.data.generate import load_pipeline
+    from erasure.generation import native_size
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -82,7 +83,7 @@ def speed(args, model: Path) -> dict:
                                                     requires_safety_checker=False).to(device)
     plain.set_progress_bar_config(disable=True)
     ours = load_pipeline(model, device, args.dtype)
-    args.size = args.size or ours.unet.config.sample_size * ours.vae_scale_factor
+    args.size = args.size or native_size(ours)
     prompts = [f"a photo of a person, number {i}" for i in range(args.images)]
     seeds = list(range(args.images))
     runners = {"plain": (plain_round, plain), "erasure": (erasure_round, ours)}

@@ -125,7 +125,9 @@ class Backbone:
         return (self.denoiser.config.in_channels, side, side)
 
     def native_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.latent_scale
+        from erasure.generation import native_size  # the size the pipeline itself draws at
+
+        return native_size(self.pipe)
 
     def select_trainable(self, scope: str, lora_rank: int = 4, lora_alpha: float | None = None):
         """Freeze everything, then unfreeze (or attach LoRA to) the scope's weights.

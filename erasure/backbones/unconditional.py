@@ -46,14 +46,6 @@ class UnconditionalBackbone(DDPMBackbone):
     def encoders(self):
         return []
 
-    @property
-    def latent_scale(self) -> int:
-        return 1  # pixel space
-
-    def native_resolution(self) -> int:
-        size = self.denoiser.config.sample_size
-        return size if isinstance(size, int) else size[0]
-
     @torch.no_grad()
     def encode_prompts(self, prompts, device) -> Conditioning:
         return {}
