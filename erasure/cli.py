@@ -231,7 +231,7 @@ def _main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="erase a concept: erasure train --recipe R.yaml [--key value …]")
     tiny = commands.add_parser("tiny", help="write a tiny random pipeline for tests and demos")
-    tiny.add_argument("family", choices=["sd1", "sd1-v", "sd3", "dit", "uncond"])  # erasure.tiny.TINY_BUILDERS (imports torch)
+    tiny.add_argument("family", choices=["sd1", "sd1-v", "sd3", "dit", "class-unet", "uncond"])  # erasure.tiny.TINY_BUILDERS (imports torch)
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny)

@@ -273,11 +273,9 @@ IMAGENETTE_IDS = {
 
 def build_tiny_dit(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny DiTPipeline: class-conditional DiT with learned sigma, CIFAR-10's and Imagenette's class names."""
-    import json
-
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    from erasure.data.tiny_pairs import CLASS_NAMES
+    from erasure.backbones.dit import save_dit
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
@@ -298,15 +296,39 @@ def build_tiny_dit(out_dir: str | Path, seed: int = 0) -> Path:
     # CIFAR-10's names at 0–9 (tiny:class-forget / -retain), then Imagenette's ten as DiT-XL-2-256's
     # id2label spells them (at 10–19 here; ImageNet's ids are in IMAGENETTE_IDS), so the shipped
     # eval/dit-class-forgetting.yaml runs on this fixture as it is.
-    names = list(CLASS_NAMES) + list(IMAGENETTE_IDS)
-    id2label = {str(i): name for i, name in enumerate(names)}
-    pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=scheduler, id2label=id2label)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    # save_pretrained does not write id2label back (erasure.export.INDEX_SETTINGS); the hub's DiT
-    # folders carry it in model_index.json, which from_pretrained passes to DiTPipeline.
-    index = Path(out_dir) / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "id2label": id2label}, indent=2, sort_keys=True))
-    return Path(out_dir)
+    pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=scheduler, id2label=_tiny_id2label())
+    return save_dit(pipe, out_dir, _tiny_id2label())
+
+
+def _tiny_id2label() -> dict[str, str]:
+    from erasure.data.tiny_pairs import CLASS_NAMES
+
+    return {str(i): name for i, name in enumerate(list(CLASS_NAMES) + list(IMAGENETTE_IDS))}
+
+
+def build_tiny_class_unet(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny class-conditional UNet2DModel (num_class_embeds) as the denoiser of a DiTPipeline, the one
+    diffusers pipeline that samples with class labels (erasure.backbones.dit); tiny:dit's class names."""
+    from diffusers import DDIMScheduler, DiTPipeline, UNet2DModel
+
+    from erasure.backbones.dit import NULL_CLASS, save_dit
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+        num_class_embeds=NULL_CLASS + 1,  # the null class's row at 1000, where DiTPipeline looks for it
+    )
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+    pipe = DiTPipeline(transformer=unet, vae=_tiny_vae(), scheduler=scheduler, id2label=_tiny_id2label())
+    return save_dit(pipe, out_dir, _tiny_id2label())
 
 
 def build_tiny_uncond(out_dir: str | Path, seed: int = 0) -> Path:
@@ -335,5 +357,6 @@ TINY_BUILDERS = {
     "sd1-v": lambda out, seed=0: build_tiny_sd1(out, seed, prediction_type="v_prediction"),
     "sd3": build_tiny_sd3,
     "dit": build_tiny_dit,
+    "class-unet": build_tiny_class_unet,
     "uncond": build_tiny_uncond,
 }
