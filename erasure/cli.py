@@ -202,16 +202,61 @@ def _bench_micro(args) -> None:
     print(f"\n→ {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}; evaluation report in {out / 'eval'}")
 
 
+def _bench_micro_class(args) -> None:
+    from erasure.bench_classes import bench_micro_class, class_table
+
+    out = Path(args.out or "bench-micro-class")
+    try:
+        result = bench_micro_class(out, methods=args.methods, classes=args.classes, steps=args.steps,
+                                   images_per_class=args.images_per_class, forget_images=args.forget_images,
+                                   retain_per_class=args.retain_per_class, ablation=not args.no_ablation)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    print(f"\nclass world: {', '.join(result['classes'])} forgotten in turn (mean ± std over classes):\n")
+    print(class_table(result))
+    print(f"\n→ {out / 'micro-class.md'}, {out / 'micro-class.json'}, {out / 'micro-class.png'}")
+
+
+def _bench_micro_uncond(args) -> None:
+    from erasure.bench_classes import DF_SHARES, bench_micro_uncond, uncond_table
+
+    out = Path(args.out or f"bench-micro-uncond-{args.forget}")
+    try:
+        result = bench_micro_uncond(out, forget=args.forget, methods=args.methods, steps=args.steps, images=args.images,
+                                    forget_images=args.forget_images, retain_per_class=args.retain_per_class,
+                                    shares=() if args.no_shares else tuple(args.shares or DF_SHARES))
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    print(f"\nunconditional world, forgetting {args.forget!r}: UR before (base) and after\n")
+    print(uncond_table(result))
+    print(f"\n→ {out / 'micro-uncond.md'}, {out / 'micro-uncond.json'}")
+
+
 def _world_build(args) -> None:
     from erasure.world.model import WorldRecipe, build_world
 
     try:
-        recipe = WorldRecipe.from_settings(args.set, {"seed": args.seed})
+        recipe = WorldRecipe.for_kind(args.kind, args.set, {"seed": args.seed})
     except ValueError as e:
         raise RecipeError(str(e)) from None
     record = build_world(args.out, recipe, device=args.device)
-    bar = record["quality_bar"]
     print(f"\nworld written to {args.out} ({record['timings_s']})")
+    if recipe.conditioning != "text":
+        q = record["quality"]
+        sampler = f"{record['sampler']['scheduler']}, {recipe.sample_steps} steps, guidance {recipe.guidance_scale:g}"
+        verdict = "ok" if q["passed"] else "BELOW the bar"
+        if recipe.conditioning == "class":
+            print(f"oracle read-back of the prompted shape, {recipe.quality_per_class} samples per class ({sampler}):")
+            for name, value in q["read_back"].items():
+                print(f"  {name:<9} {value:6.1%}")
+            print(f"  mean      {q['mean_read_back']:6.1%}  (bar ≥ {q['bar']:.0%}: {verdict})")
+        else:
+            print(f"share of {q['samples']} samples the oracle reads as each shape ({sampler}):")
+            for name, value in q["frequency"].items():
+                print(f"  {name:<9} {value:6.1%}")
+            print(f"  largest gap from uniform {q['largest_gap_from_uniform']:.1%} (bar ≤ {q['bar']:.0%}: {verdict})")
+        return
+    bar = record["quality_bar"]
     print(f"oracle read-back on {len(record['held_out_captions'])} held-out captions × {recipe.quality_per_combo} "
           f"samples ({record['sampler']['scheduler']}, {recipe.sample_steps} steps, guidance {recipe.guidance_scale}):")
     aliases = record["quality_held_out_aliases"]
@@ -240,6 +285,9 @@ def _main(argv: list[str] | None = None) -> None:
     world_build = world_commands.add_parser(
         "build", help="train oracle, VAE and world model (≈40 min on two cores) into DIR, then check quality (named and by alias)")
     world_build.add_argument("--out", required=True, help="pipeline folder to write (replaced atomically)")
+    world_build.add_argument("--kind", choices=["text", "class", "none"], default="text",
+                             help="text: the captioned SD 1.x world (world:micro); class: a DiT whose class is the "
+                                  "shape (world:class); none: an unconditional pixel DDPM (world:uncond)")
     world_build.add_argument("--seed", type=int, default=0)
     world_build.add_argument("--device", default="cpu")
     world_build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -261,6 +309,33 @@ def _main(argv: list[str] | None = None) -> None:
     micro.add_argument("--images", type=int, help="frontier: captions per check, of the 960 named and by alias (default 192)")
     micro.add_argument("--seeds", type=int, nargs="+", help="frontier: seeds (default 0 1 2)")
     micro.set_defaults(run=_bench_micro)
+    micro_class = bench_commands.add_parser(
+        "micro-class", help="class world: each shape forgotten in turn by every method, UA / RA / Fréchet over "
+                            "classes, and RGD's retain-diversity ablation (RGD Tables 1 and 3)")
+    micro_class.add_argument("--out", help="default: bench-micro-class")
+    micro_class.add_argument("--methods", nargs="+", help="default: finetune graddiff rgd salun esd-x "
+                                                          "(recipes/world-class/<method>.yaml)")
+    micro_class.add_argument("--classes", nargs="+", help="default: every shape")
+    micro_class.add_argument("--steps", type=int, help="override every recipe's max_steps (reduced budgets)")
+    micro_class.add_argument("--images-per-class", type=int, help="samples per class read by the oracle (default 64)")
+    micro_class.add_argument("--forget-images", type=int, help="renders in D_f (default 200)")
+    micro_class.add_argument("--retain-per-class", type=int, help="renders of each retained class in D_r (default 50, RGD §3)")
+    micro_class.add_argument("--no-ablation", action="store_true", help="skip RGD with D_r from the 2 nearest classes")
+    micro_class.set_defaults(run=_bench_micro_class)
+    micro_uncond = bench_commands.add_parser(
+        "micro-uncond", help="unconditional world: UR before and after MSGM (both losses, both signs) and the ascent "
+                             "methods, and MSGM's ablation over the share of D_f used")
+    micro_uncond.add_argument("--forget", default="triangle", help="the shape to stop generating (default triangle)")
+    micro_uncond.add_argument("--out", help="default: bench-micro-uncond-<forget>")
+    micro_uncond.add_argument("--methods", nargs="+", help="default: finetune graddiff rgd msgm-orthogonal msgm-obtuse "
+                                                           "msgm-obtuse-paper-sign (recipes/world-uncond/)")
+    micro_uncond.add_argument("--steps", type=int, help="override every recipe's max_steps (reduced budgets)")
+    micro_uncond.add_argument("--images", type=int, help="samples read by the oracle per model (default 500)")
+    micro_uncond.add_argument("--forget-images", type=int, help="renders in D_f (default 200)")
+    micro_uncond.add_argument("--retain-per-class", type=int, help="renders of each retained class in D_r (default 50)")
+    micro_uncond.add_argument("--shares", type=float, nargs="+", help="shares of D_f for the ablation (default 1 .8 .6 .4 .2)")
+    micro_uncond.add_argument("--no-shares", action="store_true", help="skip the D_f share ablation")
+    micro_uncond.set_defaults(run=_bench_micro_uncond)
     demo = commands.add_parser("demo", help="erase 'striped' from the shipped micro world with recipes/world/erase.yaml, evaluate, export, reload (≈4 min on 2 cores)")
     demo.add_argument("--out", default="erasure-demo", help="where the erased pipeline goes")
     demo.add_argument("--steps", type=int, help="training steps (default: the recipe's max_steps)")
@@ -294,7 +369,7 @@ def _main(argv: list[str] | None = None) -> None:
     generate = data_commands.add_parser("generate", help="render DIR/forget and DIR/retain image folders")
     generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build` (forget_prompt / "
                           "retain_prompt per line; class names for a class-conditional model such as DiT)")
-    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:uncond")
+    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:class-unet / tiny:uncond, world:micro / world:class / world:uncond")
     generate.add_argument("--out", required=True)
     generate.add_argument("--steps", type=int,
                           help="sampler steps (default: the model's own sampler: a micro world's 20, SD's and DiT's "

@@ -60,8 +60,9 @@ def _help(text: str, **extra) -> dict:
 class TrainConfig:
     # What to erase, from what.
     model: str = field(default="", metadata=_help(
-        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:uncond (built on first use) or "
-        "world:micro (the shipped micro world)."))
+        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:class-unet / tiny:uncond (built "
+        "on first use) or a shipped micro world: world:micro (text), world:class (a DiT whose class is the shape), "
+        "world:uncond (unconditional DDPM)."))
     revision: str | None = field(default=None, metadata=_help("Hub revision of the base model."))
     method: str = field(default="", metadata=_help("One of: " + ", ".join(METHODS), choices=METHODS))
     concept: str = field(default="", metadata=_help(

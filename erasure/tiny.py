@@ -309,44 +309,42 @@ def _tiny_id2label() -> dict[str, str]:
 def build_tiny_class_unet(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny class-conditional UNet2DModel (num_class_embeds) as the denoiser of a DiTPipeline, the one
     diffusers pipeline that samples with class labels (erasure.backbones.dit); tiny:dit's class names."""
-    from diffusers import DDIMScheduler, DiTPipeline, UNet2DModel
+    from diffusers import DDIMScheduler, DiTPipeline
 
     from erasure.backbones.dit import NULL_CLASS, save_dit
 
     torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-        num_class_embeds=NULL_CLASS + 1,  # the null class's row at 1000, where DiTPipeline looks for it
-    )
+    # the null class's row at 1000, where DiTPipeline looks for it
+    unet = _tiny_unet2d(size=8, channels=4, num_class_embeds=NULL_CLASS + 1)
     scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
     pipe = DiTPipeline(transformer=unet, vae=_tiny_vae(), scheduler=scheduler, id2label=_tiny_id2label())
     return save_dit(pipe, out_dir, _tiny_id2label())
 
 
-def build_tiny_uncond(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny DDPMPipeline: an unconditional pixel-space UNet2DModel with self-attention at 8×8."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+def _tiny_unet2d(size: int, channels: int, **extra):
+    """A two-level UNet2DModel with self-attention at the lower level."""
+    from diffusers import UNet2DModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=1,
         block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=8,
         norm_num_groups=8,
+        **extra,
     )
+
+
+def build_tiny_uncond(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny DDPMPipeline: an unconditional pixel-space UNet2DModel with self-attention at 8×8."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(seed)
+    unet = _tiny_unet2d(size=16, channels=3)
     # DDPM's own schedule (linear betas 1e-4 → 0.02, 1000 steps; Ho et al. 2020).
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)

@@ -33,12 +33,16 @@ import torch
 from torch.nn import functional as F
 
 from erasure.atomic import replace_folder, staging_beside
+from erasure.backbones.dit import NULL_CLASS  # DiTPipeline's null class: a class world's table has its row
 from erasure.errors import ModelError
 
 from .oracle import Oracle, accuracy, load_oracle, save_oracle, to_tensor, train_oracle
 from .render import ALIASED, ALIASES, ATTRIBUTES, SIZE, caption, render
 
 SHIPPED = Path(__file__).parent / "micro"  # `erasure world build --out erasure/world/micro` made it
+# The shipped worlds by model id, each built by `erasure world build --kind KIND --out erasure/world/<folder>`.
+WORLDS = {"world:micro": ("micro", "text"), "world:class": ("class", "class"), "world:uncond": ("uncond", "none")}
+KINDS = ("text", "class", "none")
 WORLD_FILE = "world.json"
 ORACLE_DIR = "oracle"
 TOKEN_LENGTH = 16  # the longest caption is 10 tokens with <bos>/<eos>
@@ -81,6 +85,31 @@ class WorldRecipe:
     sample_steps: int = 20
     guidance_scale: float = 3.0
     quality_per_combo: int = 5
+    # What the model is conditioned on: "text" (the shipped world: a captioned SD 1.x pipeline), "class"
+    # (a DiTPipeline whose class is the shape, every other attribute random, as the rest of a CIFAR
+    # image varies; RGD's class-wise setting) or "none" (an unconditional pixel-space DDPMPipeline;
+    # MSGM's setting). `for_kind` gives each kind's defaults.
+    conditioning: str = "text"
+    # The class world's denoiser: "unet", a class-conditional UNet2DModel (the text world's UNet with a
+    # class table instead of cross-attention), or "dit", a DiTTransformer2DModel. Both sit in a
+    # DiTPipeline. A DiT of width 128 × 6 blocks (patch 2) read back 0.62 after 4,000 steps at lr 1e-3
+    # (README, "The class and unconditional worlds"): a DiT this small on CPU learns shapes too slowly.
+    class_denoiser: str = "unet"
+    dit_hidden: int = 128
+    dit_layers: int = 6
+    dit_patch: int = 2
+    # The oracle and the VAE see only renders, never captions, so a world of another kind may take
+    # them from a built world ("world:micro") instead of training them again ("": train).
+    oracle_from: str = ""
+    vae_from: str = ""
+    quality_per_class: int = 200  # class / unconditional worlds: samples per class read back at build
+
+    @classmethod
+    def for_kind(cls, kind: str, settings: list[str] = (), base: dict | None = None) -> "WorldRecipe":
+        """The recipe of a world of ``kind`` (``KIND_DEFAULTS``), changed by ``base`` and ``--set`` items."""
+        if kind not in KINDS:
+            raise ValueError(f"--kind {kind!r}; choose one of {', '.join(KINDS)}")
+        return cls.from_settings(list(settings), {**KIND_DEFAULTS[kind], **(base or {})})
 
     @classmethod
     def from_dict(cls, data: dict) -> "WorldRecipe":
@@ -106,6 +135,10 @@ class WorldRecipe:
                 ok = False  # every number of a world recipe is a count, a rate or a size
             if not ok:
                 raise ValueError(f"world recipe {key}: {value!r} is not like its default {getattr(defaults, key)!r}")
+        if values.get("class_denoiser", "unet") not in ("unet", "dit"):
+            raise ValueError(f"world recipe class_denoiser: {values['class_denoiser']!r}; choose unet or dit")
+        if values.get("conditioning", "text") not in KINDS:
+            raise ValueError(f"world recipe conditioning: {values['conditioning']!r}; choose one of {', '.join(KINDS)}")
         return cls(**values)
 
     @classmethod
@@ -123,14 +156,33 @@ class WorldRecipe:
         return cls.from_dict(data)
 
 
+# Each kind's departures from the text world's recipe (README, "The class and unconditional worlds").
+KIND_DEFAULTS = {
+    "text": {},
+    # The class world is told the shape alone, over every one of the 480 combinations (nothing held
+    # out); its oracle and VAE are the text world's, which see only renders. Twice the text world's
+    # steps: the shape leaves colour, texture and background for the model to choose, and at 3,000
+    # steps it drew some too faint to read (0.83 at guidance 3, 0.89 at 5). Guidance 5: the read-back
+    # rose with it up to 5 and stayed flat beyond (0.90 at 7.5 and 10).
+    "class": {"conditioning": "class", "held_out": 0, "steps": 6000, "guidance_scale": 5.0,
+              "oracle_from": "world:micro", "vae_from": "world:micro"},
+    # DDPM in pixel space (Ho et al. 2020's CIFAR-10 setting, scaled down): self-attention at 8×8 only,
+    # the text world's choice one level down (it left out attention over 256 positions for its cost).
+    "none": {"conditioning": "none", "held_out": 0, "unet_attention": (False, False, True),
+             "guidance_scale": 1.0, "oracle_from": "world:micro", "quality_per_class": 500},
+}
+
+
 def world_path(model: str = "world:micro") -> Path:
-    """The folder behind a ``world:`` model id (only ``world:micro``, the shipped world, exists)."""
-    if model != "world:micro":
-        raise ModelError(f"model: {model!r}; the shipped micro world is 'world:micro'")
-    if not (SHIPPED / "model_index.json").is_file():
-        raise ModelError(f"model: world:micro is missing from this installation ({SHIPPED}); "
-                         "rebuild it with `erasure world build --out " + str(SHIPPED) + "`")
-    return SHIPPED
+    """The folder behind a ``world:`` model id: the shipped worlds (``WORLDS``)."""
+    if model not in WORLDS:
+        raise ModelError(f"model: {model!r}; the shipped worlds are {', '.join(WORLDS)}")
+    folder, kind = WORLDS[model]
+    path = SHIPPED.parent / folder
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"model: {model} is missing from this installation ({path}); rebuild it with "
+                         f"`erasure world build --kind {kind} --out {path}`")
+    return path
 
 
 def world_sampler(folder=None) -> tuple[int, float]:
@@ -271,6 +323,58 @@ def new_unet(recipe: WorldRecipe):
     )
 
 
+def new_dit(recipe: WorldRecipe):
+    """The class world's denoiser: a DiT over the VAE's latents, its class through adaLN-Zero."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=max(1, recipe.dit_hidden // 32),
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,  # eps only: DiTPipeline samples with the scheduler's fixed variance then
+        num_layers=recipe.dit_layers,
+        sample_size=SIZE // 2 ** (len(recipe.vae_channels) - 1),
+        patch_size=recipe.dit_patch,
+        num_embeds_ada_norm=NULL_CLASS,
+    )
+
+
+def new_class_unet(recipe: WorldRecipe):
+    """The class world's UNet: the text world's layout over the latents, the class added to the time
+    embedding through a table with DiTPipeline's null class at row 1000 (erasure.backbones.dit)."""
+    return _unet2d(recipe, SIZE // 2 ** (len(recipe.vae_channels) - 1), 4, num_class_embeds=NULL_CLASS + 1)
+
+
+def new_pixel_unet(recipe: WorldRecipe):
+    """The unconditional world's denoiser: a UNet2DModel on the 3×32×32 images themselves."""
+    return _unet2d(recipe, SIZE, 3)
+
+
+def _unet2d(recipe: WorldRecipe, size: int, channels: int, **extra):
+    from diffusers import UNet2DModel
+
+    kinds = list(recipe.unet_attention)
+    if len(kinds) != len(recipe.unet_channels):
+        raise ValueError("unet_attention needs one flag per unet_channels entry")
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(recipe.unet_channels),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in kinds),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(kinds)),
+        layers_per_block=1,
+        attention_head_dim=32,
+        norm_num_groups=16,
+        **extra,
+    )
+
+
+def shape_classes() -> tuple[str, ...]:
+    """A class world's classes: the shapes, label i the i-th."""
+    return ATTRIBUTES["shape"]
+
+
 def noise_schedulers(recipe: WorldRecipe):
     """(training DDPM scheduler, the world's sampler) sharing one beta schedule."""
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
@@ -374,31 +478,47 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma:
 
 
 def train_diffusion(recipe: WorldRecipe, vae, train_combos: list[dict], show_progress: bool = True, device="cpu"):
-    """Joint text encoder + UNet training; returns (text_encoder, unet) holding the EMA weights."""
+    """Train the world's denoiser with the DDPM loss; returns (text_encoder or None, denoiser) holding
+    the EMA weights. A text world trains its text encoder jointly; a class world's labels (the
+    shape's index, the null class when dropped) enter its denoiser's class table; an unconditional
+    world's denoiser sees the images alone, in pixel space."""
     from tqdm.auto import tqdm
 
+    kind = recipe.conditioning
     torch.manual_seed(recipe.seed + 2)
-    tokenizer = world_tokenizer()
-    text_encoder = new_text_encoder(recipe).to(device).train()
-    unet = new_unet(recipe).to(device).train()
+    text_encoder = None
+    if kind == "text":
+        tokenizer = world_tokenizer()
+        text_encoder = new_text_encoder(recipe).to(device).train()
+    build = {"text": new_unet, "class": new_dit if recipe.class_denoiser == "dit" else new_class_unet,
+             "none": new_pixel_unet}[kind]
+    denoiser = build(recipe).to(device).train()
+    if kind == "class":
+        from diffusers.models.embeddings import LabelEmbedding
+
+        for module in denoiser.modules():  # labels are dropped below, from the seeded draws
+            if isinstance(module, LabelEmbedding):
+                module.dropout_prob = 0.0
     train_sched, _ = noise_schedulers(recipe)
     alphas_cumprod = train_sched.alphas_cumprod.to(device)
 
     # One caption per (combination, alias variant); which variant a sample uses is drawn per step.
     variants = alias_variants()
-    captions = [caption(c, aliased=v) for c in train_combos for v in variants] + [""]
-    ids = tokenizer(captions, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    empty = len(captions) - 1
+    if kind == "text":
+        captions = [caption(c, aliased=v) for c in train_combos for v in variants] + [""]
+        ids = tokenizer(captions, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        empty = len(captions) - 1
     variant_of = {v: i for i, v in enumerate(variants)}
+    labels_of = torch.tensor([shape_classes().index(c["shape"]) for c in train_combos])
 
-    params = list(text_encoder.parameters()) + list(unet.parameters())
+    params = [p for m in (text_encoder, denoiser) if m is not None for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
     sched = _warmup_cosine(opt, recipe.steps, recipe.warmup_steps)
     ema = _Ema(params, recipe.ema_decay)
     seeds = _batch_seeds(recipe.seed, 2, recipe.steps)
-    bar = tqdm(range(recipe.steps), desc="world", disable=not show_progress)
+    bar = tqdm(range(recipe.steps), desc=f"world ({kind})", disable=not show_progress)
     smooth = None
     for step in bar:
         rng = np.random.default_rng(int(seeds[step]))
@@ -407,18 +527,26 @@ def train_diffusion(recipe: WorldRecipe, vae, train_combos: list[dict], show_pro
         drop = rng.random(recipe.batch_size) < recipe.caption_dropout
         # Drawn last, so alias_rate 0 trains exactly the world an alias-free recipe trained.
         alias = rng.random((recipe.batch_size, len(ALIASED))) < recipe.alias_rate
-        variant = [variant_of[tuple(k for k, on in zip(ALIASED, row) if on)] for row in alias]
-        which = np.where(drop, empty, which * len(variants) + np.asarray(variant))
         gen = torch.Generator().manual_seed(int(seeds[step]) % 2**63)
-        with torch.no_grad():
-            posterior = vae.encode(x).latent_dist
-            eps_post = torch.randn(posterior.mean.shape, generator=gen).to(device)
-            latents = (posterior.mean + posterior.std * eps_post) * vae.config.scaling_factor
+        if vae is None:  # pixel space: the image is the latent
+            latents = x
+        else:
+            with torch.no_grad():
+                posterior = vae.encode(x).latent_dist
+                eps_post = torch.randn(posterior.mean.shape, generator=gen).to(device)
+                latents = (posterior.mean + posterior.std * eps_post) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, train_sched.config.num_train_timesteps, (recipe.batch_size,), generator=gen).to(device)
         noisy = train_sched.add_noise(latents, noise, t)
-        cond = text_encoder(ids[torch.from_numpy(which).to(device)])[0]
-        pred = unet(noisy, t, cond).sample
+        if kind == "text":
+            variant = [variant_of[tuple(k for k, on in zip(ALIASED, row) if on)] for row in alias]
+            rows = np.where(drop, empty, which * len(variants) + np.asarray(variant))
+            pred = denoiser(noisy, t, text_encoder(ids[torch.from_numpy(rows).to(device)])[0]).sample
+        elif kind == "class":
+            labels = torch.where(torch.from_numpy(drop), NULL_CLASS, labels_of[torch.from_numpy(which)]).to(device)
+            pred = denoiser(noisy, timestep=t, class_labels=labels).sample
+        else:
+            pred = denoiser(noisy, t).sample
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weight(alphas_cumprod, t, recipe.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
@@ -431,13 +559,20 @@ def train_diffusion(recipe: WorldRecipe, vae, train_combos: list[dict], show_pro
         if step % 10 == 0 or step == recipe.steps - 1:
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
     ema.copy_to_params()
-    return text_encoder.eval(), unet.eval()
+    return (text_encoder.eval() if text_encoder is not None else None), denoiser.eval()
 
 
 def assemble_pipeline(recipe: WorldRecipe, vae, text_encoder, unet):
-    from diffusers import StableDiffusionPipeline
+    """The world as the diffusers pipeline of its kind: StableDiffusionPipeline, DiTPipeline (``unet``
+    is then the class denoiser, its ``transformer``) or DDPMPipeline."""
+    from diffusers import DDPMPipeline, DiTPipeline, StableDiffusionPipeline
 
     _, sampler = noise_schedulers(recipe)
+    if recipe.conditioning == "class":
+        return DiTPipeline(transformer=unet, vae=vae, scheduler=sampler,
+                           id2label={i: name for i, name in enumerate(shape_classes())})
+    if recipe.conditioning == "none":
+        return DDPMPipeline(unet=unet, scheduler=sampler)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -495,12 +630,36 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
     return images.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, 3)
 
 
+def class_quality(pipe, oracle: Oracle, recipe: WorldRecipe, seed: int = 1000, batch_size: int = 64,
+                  show_progress: bool = False) -> tuple[dict, np.ndarray]:
+    """The quality bar of a world without captions, on ``quality_per_class`` samples per class (its own
+    sampler). Class world: the share of each class's samples the oracle reads as that shape, and
+    their mean (bar: ≥ 0.95). Unconditional world: the share of samples the oracle reads as each
+    shape, and the largest distance from uniform (bar: ≤ 0.02)."""
+    classes = shape_classes()
+    n = recipe.quality_per_class * len(classes)
+    prompts = [c for c in classes for _ in range(recipe.quality_per_class)]  # read as nothing when unconditional
+    images = sample(pipe, prompts, seed, recipe.sample_steps, recipe.guidance_scale, batch_size=batch_size,
+                    show_progress=show_progress)
+    read = [p["shape"] for p in oracle.predict(images)]
+    if recipe.conditioning == "class":
+        per_class = {c: float(np.mean([r == c for r, want in zip(read, prompts) if want == c])) for c in classes}
+        mean = float(np.mean(list(per_class.values())))
+        return {"read_back": per_class, "mean_read_back": mean, "bar": 0.95, "passed": mean >= 0.95,
+                "samples": n}, images
+    frequency = {c: read.count(c) / n for c in classes}
+    gap = max(abs(f - 1 / len(classes)) for f in frequency.values())
+    return {"frequency": frequency, "largest_gap_from_uniform": gap, "bar": 0.02, "passed": gap <= 0.02,
+            "samples": n}, images
+
+
 def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = True, device: str = "cpu",
                 log=print) -> dict:
     """Train the oracle, the VAE and the world model; write a complete pipeline folder to ``out``.
 
-    The folder is written next to ``out`` and renamed into place at the end, so an interrupted
-    build leaves no half-written world. Returns the record also written to ``world.json``.
+    A world of another kind than text may take its oracle and VAE from a built world (``oracle_from``,
+    ``vae_from``). The folder is written next to ``out`` and renamed into place at the end, so an
+    interrupted build leaves no half-written world. Returns the record also written to ``world.json``.
     """
     from PIL import Image
 
@@ -508,17 +667,31 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
 
     recipe = recipe or WorldRecipe()
     out = Path(out)
+    kind = recipe.conditioning
     train_combos, held = split_combinations(recipe.seed, recipe.held_out)
     timings = {}
 
     start = time.perf_counter()
-    oracle = train_oracle(recipe.oracle_steps, seed=recipe.seed, show_progress=show_progress)
+    if recipe.oracle_from:
+        oracle = world_oracle(world_path(recipe.oracle_from))
+        log(f"oracle: {recipe.oracle_from}'s")
+    else:
+        oracle = train_oracle(recipe.oracle_steps, seed=recipe.seed, show_progress=show_progress)
     timings["oracle_s"] = time.perf_counter() - start
-    oracle_accuracy = accuracy(oracle)
+    oracle_accuracy = accuracy(oracle.float())
     log("oracle on fresh renders: " + ", ".join(f"{k} {v:.3f}" for k, v in oracle_accuracy.items()))
 
     start = time.perf_counter()
-    vae = train_vae(recipe, train_combos, show_progress=show_progress, device=device)
+    vae = None
+    if kind == "none":
+        pass  # pixel space
+    elif recipe.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(world_path(recipe.vae_from) / "vae", torch_dtype=torch.float32).to(device)
+        log(f"VAE: {recipe.vae_from}'s")
+    else:
+        vae = train_vae(recipe, train_combos, show_progress=show_progress, device=device)
     timings["vae_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -528,35 +701,51 @@ def build_world(out, recipe: WorldRecipe | None = None, show_progress: bool = Tr
     pipe = assemble_pipeline(recipe, vae, text_encoder, unet)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    held_quality, images = quality(pipe, oracle, held, recipe, show_progress=show_progress)
-    alias_quality, _ = quality(pipe, oracle, held, recipe, show_progress=show_progress, aliased=ALIASED)
-    timings["quality_s"] = time.perf_counter() - start
-
     record = {
         "kind": "erasure micro world",
+        "conditioning": kind,
         "recipe": dataclasses.asdict(recipe),
         "sampler": {"scheduler": type(pipe.scheduler).__name__, "num_inference_steps": recipe.sample_steps,
                     "guidance_scale": recipe.guidance_scale},
-        "held_out_captions": [caption(c) for c in held],
-        "quality_held_out": held_quality,
-        "quality_held_out_aliases": alias_quality,  # the same captions, texture and shape by their aliases
-        "quality_bar": 0.9,
-        "oracle_accuracy": oracle_accuracy,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "versions": versions(),
     }
+    if kind == "text":
+        held_quality, images = quality(pipe, oracle, held, recipe, show_progress=show_progress)
+        alias_quality, _ = quality(pipe, oracle, held, recipe, show_progress=show_progress, aliased=ALIASED)
+        record.update({
+            "held_out_captions": [caption(c) for c in held],
+            "quality_held_out": held_quality,
+            "quality_held_out_aliases": alias_quality,  # the same captions, texture and shape by their aliases
+            "quality_bar": 0.9,
+        })
+        shown = images[: 8 * 12]
+    else:
+        record["classes"] = list(shape_classes())
+        record["quality"], images = class_quality(pipe, oracle, recipe, show_progress=show_progress)
+        # Twelve samples of each class in a row (unconditional: the first 60 samples).
+        shown = (images.reshape(len(shape_classes()), -1, SIZE, SIZE, 3)[:, :12].reshape(-1, SIZE, SIZE, 3)
+                 if kind == "class" else images[:60])
+    timings["quality_s"] = time.perf_counter() - start
+    record.update({"oracle_accuracy": oracle_accuracy, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+                   "versions": versions()})
 
     def write(tmp: Path):
         # fp16 on disk, except the text encoder (0.5 MB in fp32): transformers 5 loads weights in
         # their saved dtype while diffusers loads in fp32, and a plain from_pretrained must sample.
-        pipe.unet.to(torch.float16)
-        pipe.vae.to(torch.float16)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        pipe.unet.to(torch.float32)
-        pipe.vae.to(torch.float32)
+        halved = [m for name, m in pipe.components.items() if name in ("unet", "transformer", "vae")]
+        for module in halved:
+            module.to(torch.float16)
+        if kind == "class":
+            from erasure.backbones.dit import save_dit
+
+            save_dit(pipe, tmp, dict(enumerate(shape_classes())))
+        else:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        for module in halved:
+            module.to(torch.float32)
         save_oracle(oracle.half(), tmp / ORACLE_DIR)
-        Image.fromarray(image_grid(images[: 8 * 12], 12)).resize((12 * SIZE * 3, 8 * SIZE * 3), Image.NEAREST).save(
-            tmp / "held_out_samples.png")
+        rows = -(-len(shown) // 12)
+        Image.fromarray(image_grid(shown, 12)).resize((12 * SIZE * 3, rows * SIZE * 3), Image.NEAREST).save(
+            tmp / ("held_out_samples.png" if kind == "text" else "samples.png"))
         (tmp / WORLD_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     staging = staging_beside(out, "build")
