@@ -46,21 +46,21 @@ def test_a_world_of_each_kind_builds_into_a_pipeline_diffusers_loads(kind, setti
         assert sum(record["quality"]["frequency"].values()) == pytest.approx(1.0)
 
 
-# What the shipped builds printed (README, "The class and unconditional worlds"): the class world's
-# read-back, 0.945, is half a point under the 0.95 bar; guard the builds against regressions.
-SHIPPED_QUALITY = {"world:class": ("mean_read_back", 0.94), "world:uncond": ("largest_gap_from_uniform", None)}
-
-
+# What the shipped builds printed (README, "The class and unconditional worlds"): neither meets the
+# issue's bar (class: read-back 0.945 < 0.95; unconditional: 16 points from uniform > 2). The record
+# must say so, and the builds are guarded against regressions from there.
 @pytest.mark.parametrize("model", ["world:class", "world:uncond"])
-def test_the_shipped_worlds_quality_and_their_oracle_reads_every_class(model):
+def test_the_shipped_worlds_record_their_quality_and_their_oracle_reads_every_class(model):
     folder = world_path(model)
     record = json.loads((folder / "world.json").read_text())
-    quality, (key, floor) = record["quality"], SHIPPED_QUALITY[model]
+    quality = record["quality"]
     assert quality["samples"] == record["recipe"]["quality_per_class"] * 5
     if model == "world:class":
-        assert quality[key] >= floor and quality["passed"] == (quality[key] >= quality["bar"])
+        assert quality["mean_read_back"] >= 0.94
+        assert quality["bar"] == 0.95 and quality["passed"] == (quality["mean_read_back"] >= 0.95)
     else:
-        assert quality["passed"] and quality[key] <= quality["bar"], quality
+        assert min(quality["frequency"].values()) >= 0.05  # every class is drawn
+        assert quality["bar"] == 0.02 and quality["passed"] == (quality["largest_gap_from_uniform"] <= 0.02)
     oracle = world_oracle(folder)
     classes = list(shape_classes())
     shapes = [c for c in classes for _ in range(40)]
@@ -94,10 +94,10 @@ def test_the_sets_are_balanced_renders_and_the_nearest_classes_exclude_the_forgo
 def test_bench_micro_class_runs_end_to_end(tmp_path):
     from erasure.bench_classes import bench_micro_class
 
-    result = bench_micro_class(tmp_path, methods=["rgd", "finetune"], classes=["triangle"], steps=2,
+    result = bench_micro_class(tmp_path, methods=["salun"], classes=["triangle"], steps=2,
                                images_per_class=2, forget_images=4, retain_per_class=2, show=False)
     ablation = "rgd (D_r: 2 nearest classes)"
-    assert list(result["rows"]) == ["base", "rgd", "finetune", ablation]
+    assert list(result["rows"]) == ["base", "salun", ablation]
     for row in result["rows"].values():
         assert [r["class"] for r in row["per_class"]] == ["triangle"]
         assert 0 <= row["UA"][0] <= 1 and 0 <= row["RA"][0] <= 1 and row["frechet"][0] >= 0
@@ -106,19 +106,19 @@ def test_bench_micro_class_runs_end_to_end(tmp_path):
             (tmp_path / "data" / "triangle" / "nearest" / "retain" / "metadata.jsonl").read_text().splitlines()]
     assert len(set(near)) == 2 and "triangle" not in near and len(near) == 2 * 4
     table = (tmp_path / "micro-class.md").read_text()
-    assert table.count("\n") == 5 and f"| {ablation} |" in table
+    assert table.count("\n") == 5 and f"| {ablation} |" in table  # header, rule, three rows; a final newline
     assert (tmp_path / "micro-class.png").stat().st_size > 0
     cards = {json.loads((f / "erasure.json").read_text())["config"]["method"]
              for f in (tmp_path / "models" / "triangle").iterdir()}
-    assert cards == {"rgd", "finetune"}
+    assert cards == {"salun", "rgd"}
 
 
 def test_bench_micro_uncond_runs_end_to_end(tmp_path):
     from erasure.bench_classes import bench_micro_uncond
 
-    result = bench_micro_uncond(tmp_path, forget="cross", methods=["msgm-orthogonal", "graddiff"], steps=2, images=4,
+    result = bench_micro_uncond(tmp_path, forget="cross", methods=["msgm-orthogonal"], steps=2, images=4,
                                 forget_images=5, retain_per_class=1, shares=(1.0, 0.4), show=False)
-    assert list(result["rows"]) == ["base", "msgm-orthogonal", "graddiff"]
+    assert list(result["rows"]) == ["base", "msgm-orthogonal"]
     assert list(result["df_shares"]) == ["1", "0.4"]
     assert result["df_shares"]["1"]["UR"] == result["rows"]["msgm-orthogonal"]["UR"]
     assert all(0 <= row["UR"] <= 1 for row in result["rows"].values())
