@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from erasure.atomic import build_atomically, write_atomically
+from erasure.errors import RecipeError
 from erasure.shipped import shipped
 
 # RG is RGD on a retain set without diversity: here that is the ablation row (D_r from 2 classes).
@@ -50,7 +51,7 @@ def recipe_for(world: str, method: str) -> Path:
     path = shipped("recipes", f"world-{world}", f"{method}.yaml")
     if not path.is_file():
         have = sorted(p.stem for p in shipped("recipes", f"world-{world}").glob("*.yaml"))
-        raise ValueError(f"no recipe for {method!r} under {path.parent}; have: {', '.join(have)}")
+        raise RecipeError(f"no recipe for {method!r} under {path.parent}; have: {', '.join(have)}")
     return path
 
 
@@ -94,11 +95,14 @@ def class_sets(out: Path, forget: str, retained: list[str], forget_images: int, 
     return forget_set, retain_set
 
 
-def nearest_classes(oracle, forget: str, classes: list[str], k: int = 2, per_class: int = 200,
-                    seed: int = 777) -> list[str]:
-    """The ``k`` classes whose mean oracle feature over renders lies nearest the forgotten class's."""
-    means = {c: render_features(oracle, [c] * per_class, seed + i).mean(axis=0) for i, c in enumerate(classes)}
-    others = [c for c in classes if c != forget]
+def class_means(oracle, classes: list[str], per_class: int = 200, seed: int = 777) -> dict[str, np.ndarray]:
+    """Each class's mean oracle feature over ``per_class`` renders."""
+    return {c: render_features(oracle, [c] * per_class, seed + i).mean(axis=0) for i, c in enumerate(classes)}
+
+
+def nearest_classes(means: dict[str, np.ndarray], forget: str, k: int = 2) -> list[str]:
+    """The ``k`` classes whose mean feature (``class_means``) lies nearest the forgotten class's."""
+    others = [c for c in means if c != forget]
     return sorted(others, key=lambda c: float(np.linalg.norm(means[c] - means[forget])))[:k]
 
 
@@ -129,6 +133,14 @@ def _mean_std(values):
     return (float(np.mean(values)), float(np.std(values))) if values else None
 
 
+def _budget(defaults: dict, given: dict) -> dict:
+    """``defaults`` updated by the counts given on the command line, each of which must be ≥ 1."""
+    for key, value in given.items():
+        if value is not None and value < 1:
+            raise RecipeError(f"--{key.replace('_', '-')}: must be ≥ 1, got {value}")
+    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+
+
 def _train(recipe: Path, folder: Path, overrides: dict, show: bool) -> dict:
     from erasure.bench import train_one
 
@@ -146,15 +158,12 @@ def bench_micro_class(out, methods=None, classes=None, steps: int | None = None,
     classes = list(classes or all_classes)
     unknown = [c for c in classes if c not in all_classes]
     if unknown:
-        raise ValueError(f"--classes {', '.join(unknown)}: the class world's classes are {', '.join(all_classes)}")
+        raise RecipeError(f"--classes {', '.join(unknown)}: the class world's classes are {', '.join(all_classes)}")
     methods = list(methods or CLASS_METHODS)
     recipes = {m: recipe_for("class", m) for m in methods + ([ABLATION_METHOD] if ablation else [])}
-    budget = {k: v for k, v in (("forget_images", forget_images), ("retain_per_class", retain_per_class),
-                                ("images_per_class", images_per_class)) if v is not None}
-    for key, value in budget.items():
-        if value < 1:
-            raise ValueError(f"--{key.replace('_', '-')}: must be ≥ 1, got {value}")
-    budget = {**CLASS_BUDGET, **budget}
+    _budget({}, {"steps": steps})
+    budget = _budget(CLASS_BUDGET, {"forget_images": forget_images, "retain_per_class": retain_per_class,
+                                    "images_per_class": images_per_class})
     out = Path(out)
     world = world_path("world:class")
     oracle = world_oracle(world)
@@ -171,22 +180,24 @@ def bench_micro_class(out, methods=None, classes=None, steps: int | None = None,
                 "frechet": _frechet(features[kept], np.concatenate([reference[c] for c in all_classes if c != forget]))}
 
     overrides = {"max_steps": steps} if steps else {}
-    rows = {m: [] for m in ["base"] + methods + ([f"{ABLATION_METHOD} (D_r: 2 nearest classes)"] if ablation else [])}
+    ablated = f"{ABLATION_METHOD} (D_r: 2 nearest classes)"
+    rows = {m: [] for m in ["base"] + methods + ([ablated] if ablation else [])}
+    means = class_means(oracle, all_classes) if ablation else {}
     for forget in classes:
         retained = [c for c in all_classes if c != forget]
         retain_images = budget["retain_per_class"] * len(retained)
         data = out / "data" / forget
         d_f, d_r = class_sets(data / "all", forget, retained, budget["forget_images"], retain_images, seed)
         rows["base"].append({"class": forget, **score("world:class", forget)})
-        runs = [(m, m, d_r) for m in methods]
+        runs = [(m, m, d_r, m) for m in methods]  # row, recipe, D_r, model folder
         if ablation:
-            near = nearest_classes(oracle, forget, all_classes)
+            near = nearest_classes(means, forget)
             _, d_near = class_sets(data / "nearest", forget, near, budget["forget_images"], retain_images, seed)
-            runs.append((f"{ABLATION_METHOD} (D_r: 2 nearest classes)", ABLATION_METHOD, d_near))
-        for name, method, retain in runs:
+            runs.append((ablated, ABLATION_METHOD, d_near, f"{ABLATION_METHOD}-nearest"))
+        for name, method, retain, folder_name in runs:
             if show:
                 print(f"\n== forgetting {forget}: {name}", flush=True)
-            folder = out / "models" / forget / name.replace(" ", "_").replace(":", "").replace("(", "").replace(")", "")
+            folder = out / "models" / forget / folder_name
             cost = _train(recipes[method], folder, {"concept": forget, "forget_data": str(d_f),
                                                     "retain_data": str(retain), "seed": seed, **overrides}, show)
             rows[name].append({"class": forget, **score(str(folder), forget), "wall_s": cost.get("wall_s")})
@@ -207,17 +218,15 @@ def bench_micro_uncond(out, forget: str = "triangle", methods=None, steps: int |
 
     all_classes = list(shape_classes())
     if forget not in all_classes:
-        raise ValueError(f"--forget {forget!r}: the unconditional world's classes are {', '.join(all_classes)}")
+        raise RecipeError(f"--forget {forget!r}: the unconditional world's classes are {', '.join(all_classes)}")
     methods = list(methods or UNCOND_METHODS)
     recipes = {m: recipe_for("uncond", m) for m in methods + ([share_method] if shares else [])}
-    for name, value in (("--images", images), ("--forget-images", forget_images), ("--retain-per-class", retain_per_class)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}: must be ≥ 1, got {value}")
+    _budget({}, {"steps": steps})
+    budget = _budget(UNCOND_BUDGET, {"forget_images": forget_images, "images": images,
+                                     "retain_per_class": retain_per_class})
     bad = [s for s in shares or () if not 0 < s <= 1]
     if bad:
-        raise ValueError(f"--shares {bad}: each share of D_f must lie in (0, 1]")
-    budget = {**UNCOND_BUDGET, **{k: v for k, v in (("forget_images", forget_images), ("images", images),
-                                                     ("retain_per_class", retain_per_class)) if v is not None}}
+        raise RecipeError(f"--shares {bad}: each share of D_f must lie in (0, 1]")
     out = Path(out)
     world = world_path("world:uncond")
     oracle = world_oracle(world)

@@ -206,12 +206,9 @@ def _bench_micro_class(args) -> None:
     from erasure.bench_classes import bench_micro_class, class_table
 
     out = Path(args.out or "bench-micro-class")
-    try:
-        result = bench_micro_class(out, methods=args.methods, classes=args.classes, steps=args.steps,
-                                   images_per_class=args.images_per_class, forget_images=args.forget_images,
-                                   retain_per_class=args.retain_per_class, ablation=not args.no_ablation)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
+    result = bench_micro_class(out, methods=args.methods, classes=args.classes, steps=args.steps,
+                               images_per_class=args.images_per_class, forget_images=args.forget_images,
+                               retain_per_class=args.retain_per_class, ablation=not args.no_ablation)
     print(f"\nclass world: {', '.join(result['classes'])} forgotten in turn (mean ± std over classes):\n")
     print(class_table(result))
     print(f"\n→ {out / 'micro-class.md'}, {out / 'micro-class.json'}, {out / 'micro-class.png'}")
@@ -221,12 +218,9 @@ def _bench_micro_uncond(args) -> None:
     from erasure.bench_classes import DF_SHARES, bench_micro_uncond, uncond_table
 
     out = Path(args.out or f"bench-micro-uncond-{args.forget}")
-    try:
-        result = bench_micro_uncond(out, forget=args.forget, methods=args.methods, steps=args.steps, images=args.images,
-                                    forget_images=args.forget_images, retain_per_class=args.retain_per_class,
-                                    shares=() if args.no_shares else tuple(args.shares or DF_SHARES))
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
+    result = bench_micro_uncond(out, forget=args.forget, methods=args.methods, steps=args.steps, images=args.images,
+                                forget_images=args.forget_images, retain_per_class=args.retain_per_class,
+                                shares=() if args.no_shares else tuple(args.shares or DF_SHARES))
     print(f"\nunconditional world, forgetting {args.forget!r}: UR before (base) and after\n")
     print(uncond_table(result))
     print(f"\n→ {out / 'micro-uncond.md'}, {out / 'micro-uncond.json'}")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from diffusers import DiffusionPipeline
 
-from erasure.bench_classes import class_sets, nearest_classes, shape_renders
+from erasure.bench_classes import class_means, class_sets, nearest_classes, shape_renders
 from erasure.world.model import WorldRecipe, build_world, shape_classes, world_oracle, world_path, world_sampler
 
 
@@ -87,7 +87,7 @@ def test_the_sets_are_balanced_renders_and_the_nearest_classes_exclude_the_forgo
     assert [r["prompt"] for r in rows] == ["circle", "square", "cross"] * 2
     assert {json.loads(line)["prompt"] for line in (forget / "metadata.jsonl").read_text().splitlines()} == {"triangle"}
     oracle = world_oracle(world_path("world:micro"))
-    near = nearest_classes(oracle, "triangle", list(shape_classes()), per_class=30)
+    near = nearest_classes(class_means(oracle, list(shape_classes()), per_class=30), "triangle")
     assert len(near) == 2 and "triangle" not in near
 
 
@@ -132,6 +132,7 @@ def test_bench_micro_uncond_runs_end_to_end(tmp_path):
     (["bench", "micro-uncond", "--forget", "hexagon"], "--forget 'hexagon': the unconditional world's classes"),
     (["bench", "micro-uncond", "--shares", "0"], "--shares [0.0]: each share of D_f must lie in (0, 1]"),
     (["bench", "micro-class", "--methods", "uce"], "no recipe for 'uce' under"),
+    (["bench", "micro-uncond", "--steps", "0"], "--steps: must be ≥ 1, got 0"),
 ])
 def test_bench_bad_input_is_one_line(argv, message, tmp_path, capsys):
     from erasure.cli import main

@@ -139,6 +139,9 @@ class WorldRecipe:
             raise ValueError(f"world recipe class_denoiser: {values['class_denoiser']!r}; choose unet or dit")
         if values.get("conditioning", "text") not in KINDS:
             raise ValueError(f"world recipe conditioning: {values['conditioning']!r}; choose one of {', '.join(KINDS)}")
+        if values.get("conditioning", "text") != "text" and values.get("quality_per_class", 1) < 1:
+            raise ValueError("world recipe quality_per_class: a class or unconditional world's quality bar needs ≥ 1 "
+                             f"sample per class, got {values['quality_per_class']}")
         return cls(**values)
 
     @classmethod
