@@ -23,6 +23,8 @@ def test_each_kind_has_its_recipe_and_a_bad_kind_is_named():
         WorldRecipe.from_dict({"conditioning": "labels"})
     with pytest.raises(ValueError, match=r"class_denoiser: 'mlp'; choose unet or dit"):
         WorldRecipe.for_kind("class", ["class_denoiser=mlp"])
+    with pytest.raises(ValueError, match=r"sampler: 'euler'; choose one of dpm-solver\+\+, ddim-clip"):
+        WorldRecipe.for_kind("none", ["sampler=euler"])
 
 
 @pytest.mark.parametrize("kind, settings, pipeline, denoiser", [
@@ -44,6 +46,9 @@ def test_a_world_of_each_kind_builds_into_a_pipeline_diffusers_loads(kind, setti
         assert set(record["quality"]["read_back"]) == set(shape_classes())
     else:
         assert sum(record["quality"]["frequency"].values()) == pytest.approx(1.0)
+        # drawn as DDPM draws: DDIM with x0 clipped to the images' range, on the training betas
+        assert type(pipe.scheduler).__name__ == record["sampler"]["scheduler"] == "DDIMScheduler"
+        assert pipe.scheduler.config.clip_sample and pipe.scheduler.config.beta_end == recipe.beta_end
 
 
 # What the shipped builds printed (README, "The class and unconditional worlds"): neither meets the
