@@ -4,11 +4,14 @@ The quality bar of `erasure world build --kind class|none` (erasure.world.model.
 seeds, same prompts), with the sampler's steps, guidance and scheduler changeable, and for any model
 folder. It reproduces the README's figures that are not a build's own print-out:
 
-    # the shipped class world at guidance 7.5 (100 samples per class): 0.956
-    python benchmarks/world_read_back.py world:class --guidance 7.5 --per-class 100
-    # the shipped unconditional world drawn with DDIM, 50 steps, x0 clipped (500 samples): 6.8 points from uniform
-    python benchmarks/world_read_back.py world:uncond --scheduler ddim-clip --steps 50 --per-class 100
-    python benchmarks/world_read_back.py world:uncond --scheduler dpm-threshold --per-class 100
+    # the 6,000-step class world (`erasure world build --kind class --set steps=6000`) at guidance 7.5
+    # (100 samples per class): 0.956
+    python benchmarks/world_read_back.py DIR --guidance 7.5 --per-class 100
+    # the first unconditional world (`erasure world build --kind none --set steps=3000 --set
+    # sampler=dpm-solver++ --set sample_steps=20`) drawn with DDIM, 50 steps, x0 clipped (500
+    # samples): 6.8 points from uniform (16 with its own DPM-Solver++); dynamic thresholding: 20
+    python benchmarks/world_read_back.py DIR --scheduler ddim-clip --steps 50 --per-class 100
+    python benchmarks/world_read_back.py DIR --scheduler dpm-threshold --per-class 100
     # one point of recipes/world-class/rgd.yaml's tuning (its data as `erasure bench micro-class
     # --classes triangle` renders it under OUT/data/triangle/all):
     erasure train --recipe recipes/world-class/rgd.yaml --concept triangle --forget_data D/forget \\
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-SCHEDULERS = ("own", "ddim-clip", "dpm-threshold")
+SCHEDULERS = ("own", "dpm-solver++", "ddim-clip", "dpm-threshold")
 
 
 def main() -> None:
@@ -31,17 +34,20 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the world's)")
     parser.add_argument("--per-class", type=int, default=200, help="samples per class (default 200, the build's)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="own",
-                        help="own: the folder's; ddim-clip: DDIM with x0 clipped to [-1, 1]; "
-                             "dpm-threshold: DPM-Solver++ with dynamic thresholding")
+                        help="own: the folder's; dpm-solver++ or ddim-clip: a world recipe's sampler of that "
+                             "name (erasure.world.model.noise_schedulers); dpm-threshold: DPM-Solver++ with "
+                             "dynamic thresholding")
     args = parser.parse_args()
 
+    import dataclasses
     import json
 
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler
 
     from erasure.backbones import resolve_model
     from erasure.data.generate import load_pipeline
-    from erasure.world.model import WORLD_FILE, WorldRecipe, class_quality, world_oracle, world_sampler
+    from erasure.world.model import (WORLD_FILE, WorldRecipe, class_quality, noise_schedulers, world_oracle,
+                                     world_sampler)
 
     world = resolve_model(args.world or args.model)
     kind = json.loads((world / WORLD_FILE).read_text())["conditioning"]
@@ -49,8 +55,9 @@ def main() -> None:
     recipe = WorldRecipe.for_kind(kind, [f"quality_per_class={args.per_class}", f"sample_steps={args.steps or steps}",
                                          f"guidance_scale={guidance if args.guidance is None else args.guidance}"])
     pipe = load_pipeline(resolve_model(args.model), "cpu", "float32")
-    if args.scheduler == "ddim-clip":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True, timestep_spacing="trailing")
+    if args.scheduler in ("dpm-solver++", "ddim-clip"):  # on the world's own betas, as a build with it would draw
+        built = WorldRecipe.from_dict(json.loads((world / WORLD_FILE).read_text())["recipe"])
+        pipe.scheduler = noise_schedulers(dataclasses.replace(built, sampler=args.scheduler))[1]
     elif args.scheduler == "dpm-threshold":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, thresholding=True,
                                                                  sample_max_value=1.0)
