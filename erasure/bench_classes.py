@@ -315,7 +315,7 @@ def class_plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("RA (retained classes drawn) ↑")
     ax.set_ylabel("UA (forgotten class gone) ↑")
-    ax.set_title("class world: each class forgotten in turn (small: per class, large: mean)")
+    ax.set_title("class world: each class forgotten in turn\n(small: per class, large: mean)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
