@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from erasure.errors import DataError, ErasureError, RecipeError, one_line
+from erasure.errors import ErasureError, RecipeError, one_line
 from erasure.world.data import CONCEPTS as WORLD_CONCEPTS
 
 # The main job: the recommended recipe (recipes/world/erase.yaml) on the world concept "striped".
@@ -136,27 +136,20 @@ def _eval(args) -> None:
 
 
 def _report(args) -> None:
-    import json
+    from erasure.eval.report import load_report, side_by_side
 
-    from erasure.eval.report import side_by_side
-
-    reports = []
-    for folder in args.dirs:
-        path = Path(folder) / "report.json"
-        if not path.is_file():
-            raise DataError(f"{folder}: no report.json (run `erasure eval … --out {folder}` first)")
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-            if not (isinstance(report, dict) and isinstance(report.get("models"), list)
-                    and isinstance(report.get("protocol"), dict)):
-                raise ValueError("no models")
-        except (UnicodeDecodeError, ValueError):
-            raise DataError(f"{path} is not a report `erasure eval` wrote; run it again") from None
-        reports.append(report)
-    table = side_by_side(reports)
+    table = side_by_side([load_report(folder) for folder in args.dirs])
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
+
+
+def _push(args) -> None:
+    from erasure.eval.report import load_report
+    from erasure.hub import push_export
+
+    report = load_report(args.report) if args.report else None
+    print(f"pushed {args.dir} to {push_export(args.dir, args.hub_model_id, args.private, report)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -403,6 +396,13 @@ def _main(argv: list[str] | None = None) -> None:
     report.add_argument("dirs", nargs="+")
     report.add_argument("--out", help="also write the table to this file")
     report.set_defaults(run=_report)
+
+    push = commands.add_parser("push", help="publish an export on the Hugging Face Hub, its card with an evaluation")
+    push.add_argument("dir", help="the output_dir of `erasure train`")
+    push.add_argument("--hub-model-id", required=True, help="OWNER/NAME; created if missing")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--report", help="an `erasure eval` output folder: its protocol and tables go into the card")
+    push.set_defaults(run=_push)
 
     args = parser.parse_args(argv)
     args.run(args)

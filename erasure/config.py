@@ -242,6 +242,13 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata=_help(
         "Let the export replace a non-empty output_dir that is not an erasure export (its files are lost). "
         "An earlier export is always replaced as a whole."))
+    push_to_hub: bool = field(default=False, metadata=_help(
+        "After the export, publish it on the Hugging Face Hub as hub_model_id (token: HF_TOKEN or a stored "
+        "login; never logged). Checkpoints and logs stay behind; the card names no local path."))
+    hub_model_id: str | None = field(default=None, metadata=_help(
+        "The repo to push to, OWNER/NAME; created if missing."))
+    hub_private: bool = field(default=False, metadata=_help(
+        "Create the repo private."))
     resume: str | None = field(default=None, metadata=_help(
         "Continue from 'latest' or a checkpoint folder."))
     report_to: str = field(default="all", metadata=_help(
@@ -374,6 +381,12 @@ class TrainConfig:
         if not self.output_dir.strip():
             raise RecipeError("output_dir: must name a folder (got an empty string; '.' would export over the "
                               "current folder)")
+        if self.push_to_hub or self.hub_model_id:
+            from erasure.hub import HUB_ID
+
+            if not HUB_ID.match(self.hub_model_id or ""):
+                raise RecipeError(f"hub_model_id: {self.hub_model_id!r} is not a hub repo id; push_to_hub needs "
+                                  "OWNER/NAME, e.g. my-org/sd14-nudity-rgd")
         if self.checkpointing_steps < 0:
             raise RecipeError(f"checkpointing_steps: must be ≥ 0, got {self.checkpointing_steps}")
         if self.batch_size % self.gradient_accumulation_steps:

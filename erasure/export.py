@@ -1,4 +1,4 @@
-"""Writing the erased model: a complete diffusers pipeline in safetensors, plus an erasure card.
+"""Writing the erased model: a complete diffusers pipeline in safetensors, plus its card (erasure.hub).
 
 The export is staged beside OUT (in `.OUT.export-tmp`) and swapped in as a whole folder
 (erasure.atomic), so that a crash during export leaves the earlier export complete, never a mix,
@@ -17,10 +17,9 @@ from pathlib import Path
 
 from erasure.atomic import recover_folder, replace_folder, staging_beside, strict_json
 from erasure.errors import OutputError
+from erasure.hub import CARD_JSON, model_card
 
 MODEL_INDEX = "model_index.json"
-CARD_JSON = "erasure.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def versions(packages=("erasure", "torch", "diffusers", "transformers", "accelerate", "peft")) -> dict:
@@ -62,60 +61,6 @@ def _restore_components(staging: Path, base_folder: Path, names: tuple[str, ...]
         if name in base_index and name not in index:
             index[name] = base_index[name]
     (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def model_card(card: dict) -> str:
-    config = card["config"]
-    losses = ", ".join(f"{k} {v:.4f}" for k, v in card["final_losses"].items() if v is not None)
-    data = "\n".join(f"| {name} | `{d['source']}` | {d['rows']} | `{d['sha256'][:16]}…` |"
-                     for name, d in card["data"].items())
-    monitor = card.get("run", {}).get("monitor")
-    checked = ""
-    if monitor and monitor["history"]:
-        last = monitor["stopped"] or monitor["history"][-1]
-        kept = "—" if last["retain"] is None else f"{last['retain']:.3f}"
-        checked = (f"| {'stopped at erasure' if monitor['stopped'] else 'last check'} | step {last['step']}: "
-                   f"erasure rate {last['erasure']:.3f}, retain score {kept} ({monitor['detector']}, "
-                   f"{monitor['pairs']} held-out pairs) |\n")
-    lora = (f"\nThe LoRA adapter alone is in `{LORA_WEIGHTS}`; apply it to the base model with "
-            f"`pipe.load_lora_weights(\"{card['output_dir']}\")`.\n") if config["scope"] == "lora" else ""
-    return f"""---
-base_model: {card['base_model']}
-library_name: diffusers
-tags:
-- erasure
-- concept-erasure
-- {config['method']}
----
-
-# {config['concept'] or 'Concept'} erased from `{card['base_model']}` with {config['method'].upper()}
-
-Trained with erasure {card['versions'].get('erasure', 'dev')}; the full recipe, data hashes and versions are in `{CARD_JSON}`.
-
-| | |
-|---|---|
-| base model | `{card['base_model']}` ({card['family']}) |
-| method | {config['method']} |
-| scope | {config['scope']} |
-| steps | {card['steps']} |
-| batch size | {config['batch_size']} |
-| learning rate | {config['learning_rate']} |
-| final losses | {losses or '—'} |
-{checked}
-| set | source | rows | sha256 |
-|---|---|---|---|
-{data}
-
-## Use
-
-```python
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{card['output_dir']}")
-```
-{lora}
-Erasure lowers the chance that the model draws the concept; it is not a guarantee. Evaluate it
-(I2P / NudeNet, CLIP alignment) before you publish it.
-"""
 
 
 def is_export(folder: Path) -> bool:
@@ -163,10 +108,10 @@ def export_pipeline(pipe, out_dir: Path, base_folder: Path, card: dict,
     _restore_components(staging, base_folder, ("text_encoder_3", "tokenizer_3"))
     if lora_state_dict is not None:
         save_lora(staging, lora_state_dict)
-    card = {**card, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(), "output_dir": str(out)}
+    card = {**card, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
     (staging / CARD_JSON).write_text(strict_json(card, indent=2, default=str))
-    (staging / "README.md").write_text(model_card(card))
+    # the card reads the record as it is stored (JSON), so that a later `erasure push` renders the same card
+    (staging / "README.md").write_text(str(model_card(json.loads((staging / CARD_JSON).read_text()))))
     for name in carry:
         if (out / name).exists():
             (out / name).rename(staging / name)

@@ -716,6 +716,10 @@ def _export(model, config: TrainConfig, backbone: Backbone, base_folder: Path, o
                     partial(backbone.save_lora, metadata=lora_metadata),
                     carry=RUN_FILES + (("checkpoints",) if config.keep_checkpoints else ()))
     print(f"exported the erased pipeline to {out}")
+    if config.push_to_hub:
+        from erasure.hub import push_export
+
+        print(f"pushed to {push_export(out, config.hub_model_id, private=config.hub_private)}")
 
 
 def main(argv: list[str] | None = None) -> None:

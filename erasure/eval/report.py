@@ -11,6 +11,23 @@ import json
 from pathlib import Path
 
 
+def load_report(folder: str | Path) -> dict:
+    """report.json of an `erasure eval` output folder; DataError naming the folder if it is not one."""
+    from erasure.errors import DataError
+
+    path = Path(folder).expanduser() / "report.json"
+    if not path.is_file():
+        raise DataError(f"{folder}: no report.json (run `erasure eval … --out {folder}` first)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(report, dict) and isinstance(report.get("models"), list)
+                and isinstance(report.get("protocol"), dict)):
+            raise ValueError("no models")
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{path} is not a report `erasure eval` wrote; run it again") from None
+    return report
+
+
 def _fmt(value, digits=4):
     if value is None:
         return "—"
