@@ -1,11 +1,11 @@
-"""The `erasure` command: train, tiny, demo."""
+"""The `erasure` command: prompts, data, train, eval, report, push; tiny, world, bench, demo."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from erasure.cli_parser import Parser
 from erasure.errors import ErasureError, RecipeError, one_line
 from erasure.world.data import CONCEPTS as WORLD_CONCEPTS
 
@@ -259,9 +259,94 @@ def _main(argv: list[str] | None = None) -> None:
         from erasure.trainer import main as train_main
 
         return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="erasure", description="Concept erasure for diffusers models.")
+    args = build_parser().parse_args(argv)
+    args.run(args)
+    close_process_group()
+
+
+def build_parser() -> Parser:
+    """Every subcommand but train's flags (erasure.config.build_parser), in the order of the work:
+    prompts → data → train → eval → report → push, then the tools."""
+    parser = Parser(prog="erasure", description="Concept erasure for diffusers models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("train", help="erase a concept: erasure train --recipe R.yaml [--key value …]")
+    prompts = commands.add_parser("prompts", help="concept specs → paired forget/retain prompt sets")
+    prompt_commands = prompts.add_subparsers(dest="prompts_command", required=True)
+    build = prompt_commands.add_parser("build", help="write DIR/train.jsonl, DIR/test.jsonl and DIR/stats.json")
+    build.add_argument("spec", help="a concept spec, e.g. prompts/nudity.yaml")
+    build.add_argument("--out", required=True)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--train", type=int, help="train pairs (default: the spec's sizes.train, 800)")
+    build.add_argument("--test", type=int, help="test pairs (default: the spec's sizes.test, 100)")
+    build.add_argument("--uniform", action="store_true",
+                       help="the single-template sets of the GradDiff / RG / SalUn baselines")
+    build.add_argument("--llm", help="expand the spec with an LLM: 'openai' (any OpenAI-compatible "
+                                     "endpoint) or 'local:PATH' (a transformers causal LM)")
+    build.add_argument("--base-url", help="the endpoint, e.g. http://localhost:8000/v1")
+    build.add_argument("--llm-model", help="the LLM's name at the endpoint (--llm openai)")
+    build.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                       help="environment variable holding the API key (never logged or written)")
+    build.add_argument("--timeout", type=float, default=60.0, help="seconds per LLM request")
+    build.add_argument("--per-dimension", type=int, default=20, help="subconcepts to ask for per dimension")
+    build.add_argument("--paraphrases", type=int, default=5, help="paraphrases of the concept to ask for")
+    build.add_argument("--max-retries", type=int, default=3, help="attempts per step before giving up")
+    build.set_defaults(run=_prompts_build)
+
+    data = commands.add_parser("data", help="render paired images for a prompt set")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    generate = data_commands.add_parser("generate", help="render DIR/forget and DIR/retain image folders")
+    generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build` (forget_prompt / "
+                          "retain_prompt per line; class names for a class-conditional model such as DiT)")
+    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:class-unet / tiny:uncond, world:micro / world:class / world:uncond")
+    generate.add_argument("--out", required=True)
+    generate.add_argument("--steps", type=int,
+                          help="sampler steps (default: the model's own sampler: a micro world's 20, SD's and DiT's "
+                          "50, DDPM's 1000)")
+    generate.add_argument("--guidance", type=float,
+                          help="guidance scale (default: the model's own: a micro world's 3, SD's 7.5, DiT's 4; DDPM "
+                          "has none: 1)")
+    generate.add_argument("--size", type=int, help="image size; default: the model's native size")
+    generate.add_argument("--batch-size", type=int, default=4)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--images-per-prompt", type=int, default=1)
+    generate.add_argument("--limit", type=int, help="only the first N pairs")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                          help="weights' precision; auto: float16 on a GPU, float32 on a CPU")
+    generate.set_defaults(run=_data_generate)
+
+    commands.add_parser("train", help="erase a concept: erasure train --recipe R.yaml [--key value …] "
+                                      "(erasure train --help lists every recipe key)")
+
+    evaluation = commands.add_parser("eval", help="generate, score and report: erasure eval --suite S --model A --model B")
+    evaluation.add_argument("--suite", required=True, help="an eval/*.yaml suite")
+    evaluation.add_argument("--model", action="append", required=True,
+                            help="a pipeline folder, hub id or tiny:sd1 (repeat; the first is the reference)")
+    evaluation.add_argument("--out", required=True)
+    evaluation.add_argument("--dataset", help="I2P from a local CSV / parquet (or another hub id)")
+    evaluation.add_argument("--prompt-set", help="the prompt set (train/test.jsonl) of a prompt_set suite")
+    evaluation.add_argument("--limit", type=int, help="only the first N prompts")
+    evaluation.add_argument("--steps", type=int)
+    evaluation.add_argument("--images-per-prompt", type=int)
+    evaluation.add_argument("--batch-size", type=int)
+    evaluation.add_argument("--size", type=int)
+    evaluation.add_argument("--clip-model", help="open_clip model name (default ViT-B-32)")
+    evaluation.add_argument("--clip-pretrained", help="open_clip tag or a local checkpoint file; 'random' for a "
+                            "randomly initialised CLIP (smoke tests: its scores mean nothing)")
+    evaluation.add_argument("--inception-weights", help="the FID Inception weights file")
+    evaluation.add_argument("--fid-reference", help="folder of reference images for FID")
+    evaluation.set_defaults(run=_eval)
+
+    report = commands.add_parser("report", help="tabulate several evaluation runs side by side")
+    report.add_argument("dirs", nargs="+")
+    report.add_argument("--out", help="also write the table to this file")
+    report.set_defaults(run=_report)
+
+    push = commands.add_parser("push", help="publish an export on the Hugging Face Hub, its card with an evaluation")
+    push.add_argument("dir", help="the output_dir of `erasure train`")
+    push.add_argument("--hub-model-id", required=True, help="OWNER/NAME; created if missing")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--report", help="an `erasure eval` output folder: its protocol and tables go into the card")
+    push.set_defaults(run=_push)
+
     tiny = commands.add_parser("tiny", help="write a tiny random pipeline for tests and demos")
     tiny.add_argument("family", choices=["sd1", "sd1-v", "sd3", "dit", "class-unet", "uncond"])  # erasure.tiny.TINY_BUILDERS (imports torch)
     tiny.add_argument("dir")
@@ -328,85 +413,7 @@ def _main(argv: list[str] | None = None) -> None:
     demo.add_argument("--steps", type=int, help="training steps (default: the recipe's max_steps)")
     demo.add_argument("--limit", type=int, help="evaluate only the first N of the 960 captions (480 named, then 480 by alias)")
     demo.set_defaults(run=_demo)
-
-    prompts = commands.add_parser("prompts", help="concept specs → paired forget/retain prompt sets")
-    prompt_commands = prompts.add_subparsers(dest="prompts_command", required=True)
-    build = prompt_commands.add_parser("build", help="write DIR/train.jsonl, DIR/test.jsonl and DIR/stats.json")
-    build.add_argument("spec", help="a concept spec, e.g. prompts/nudity.yaml")
-    build.add_argument("--out", required=True)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--train", type=int, help="train pairs (default: the spec's sizes.train, 800)")
-    build.add_argument("--test", type=int, help="test pairs (default: the spec's sizes.test, 100)")
-    build.add_argument("--uniform", action="store_true",
-                       help="the single-template sets of the GradDiff / RG / SalUn baselines")
-    build.add_argument("--llm", help="expand the spec with an LLM: 'openai' (any OpenAI-compatible "
-                                     "endpoint) or 'local:PATH' (a transformers causal LM)")
-    build.add_argument("--base-url", help="the endpoint, e.g. http://localhost:8000/v1")
-    build.add_argument("--model", dest="llm_model", help="the endpoint's model name")
-    build.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                       help="environment variable holding the API key (never logged or written)")
-    build.add_argument("--timeout", type=float, default=60.0, help="seconds per LLM request")
-    build.add_argument("--per-dimension", type=int, default=20, help="subconcepts to ask for per dimension")
-    build.add_argument("--paraphrases", type=int, default=5, help="paraphrases of the concept to ask for")
-    build.add_argument("--max-retries", type=int, default=3, help="attempts per step before giving up")
-    build.set_defaults(run=_prompts_build)
-
-    data = commands.add_parser("data", help="render paired images for a prompt set")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    generate = data_commands.add_parser("generate", help="render DIR/forget and DIR/retain image folders")
-    generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build` (forget_prompt / "
-                          "retain_prompt per line; class names for a class-conditional model such as DiT)")
-    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:class-unet / tiny:uncond, world:micro / world:class / world:uncond")
-    generate.add_argument("--out", required=True)
-    generate.add_argument("--steps", type=int,
-                          help="sampler steps (default: the model's own sampler: a micro world's 20, SD's and DiT's "
-                          "50, DDPM's 1000)")
-    generate.add_argument("--guidance", type=float,
-                          help="guidance scale (default: the model's own: a micro world's 3, SD's 7.5, DiT's 4; DDPM "
-                          "has none: 1)")
-    generate.add_argument("--size", type=int, help="image size; default: the model's native size")
-    generate.add_argument("--batch-size", type=int, default=4)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--images-per-prompt", type=int, default=1)
-    generate.add_argument("--limit", type=int, help="only the first N pairs")
-    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                          help="weights' precision; auto: float16 on a GPU, float32 on a CPU")
-    generate.set_defaults(run=_data_generate)
-
-    evaluation = commands.add_parser("eval", help="generate, score and report: erasure eval --suite S --model A --model B")
-    evaluation.add_argument("--suite", required=True, help="an eval/*.yaml suite")
-    evaluation.add_argument("--model", action="append", required=True,
-                            help="a pipeline folder, hub id or tiny:sd1 (repeat; the first is the reference)")
-    evaluation.add_argument("--out", required=True)
-    evaluation.add_argument("--dataset", help="I2P from a local CSV / parquet (or another hub id)")
-    evaluation.add_argument("--prompt-set", help="the prompt set (train/test.jsonl) of a prompt_set suite")
-    evaluation.add_argument("--limit", type=int, help="only the first N prompts")
-    evaluation.add_argument("--steps", type=int)
-    evaluation.add_argument("--images-per-prompt", type=int)
-    evaluation.add_argument("--batch-size", type=int)
-    evaluation.add_argument("--size", type=int)
-    evaluation.add_argument("--clip-model", help="open_clip model name (default ViT-B-32)")
-    evaluation.add_argument("--clip-pretrained", help="open_clip tag or a local checkpoint file; 'random' for a "
-                            "randomly initialised CLIP (smoke tests: its scores mean nothing)")
-    evaluation.add_argument("--inception-weights", help="the FID Inception weights file")
-    evaluation.add_argument("--fid-reference", help="folder of reference images for FID")
-    evaluation.set_defaults(run=_eval)
-
-    report = commands.add_parser("report", help="tabulate several evaluation runs side by side")
-    report.add_argument("dirs", nargs="+")
-    report.add_argument("--out", help="also write the table to this file")
-    report.set_defaults(run=_report)
-
-    push = commands.add_parser("push", help="publish an export on the Hugging Face Hub, its card with an evaluation")
-    push.add_argument("dir", help="the output_dir of `erasure train`")
-    push.add_argument("--hub-model-id", required=True, help="OWNER/NAME; created if missing")
-    push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--report", help="an `erasure eval` output folder: its protocol and tables go into the card")
-    push.set_defaults(run=_push)
-
-    args = parser.parse_args(argv)
-    args.run(args)
-    close_process_group()
+    return parser
 
 
 def close_process_group() -> None:

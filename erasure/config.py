@@ -566,13 +566,21 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
 
 
 def build_parser(prog: str = "erasure train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Erase a concept from a diffusion model.")
+    from erasure.cli_parser import Parser, type_and_default
+
+    parser = Parser(prog=prog, description="Erase a concept from a diffusion model.")
     parser.add_argument("--recipe", help="Recipe YAML; flags below override its values.")
     for name, f in FIELDS.items():
-        # Values are parsed as YAML scalars, then checked like recipe values.
+        # Values are parsed as YAML scalars, then checked like recipe values; the recipe's value is the
+        # default (SUPPRESS), so the help shows the dataclass's.
         extra = {"nargs": "?", "const": "latest"} if name == "resume" else {}  # bare --resume
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = None if default is dataclasses.MISSING else default
+        kinds = _base_type(f.type)[0]
+        shown = "one of " + ", ".join(f.metadata["choices"]) if f.metadata.get("choices") else \
+            getattr(kinds, "__name__", str(kinds))
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f.metadata["help"], **extra)
+                            help=f"{f.metadata['help']} {type_and_default(shown, default)}", **extra)
     return parser
 
 

@@ -1,7 +1,9 @@
 """The commands users type: accelerate launch erasure/train.py, erasure tiny, erasure demo, erasure bench."""
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,7 +75,43 @@ def test_the_recommended_recipe_names_no_concept():
 def test_train_help_lists_every_recipe_key():
     done = subprocess.run([sys.executable, "-m", "erasure.cli", "train", "--help"], capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 0 and "--forget_loss_cap" in done.stdout and "--retain_weight" in done.stdout
+    assert done.returncode == 0 and "--forget-loss-cap VALUE" in done.stdout and "--retain-weight" in done.stdout
+    assert "[float; default: 1e-05]" in done.stdout  # learning_rate's type and default
+
+
+def _parsers(parser):
+    """`parser` and every subcommand's parser under it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _parsers(sub)
+
+
+def test_every_flag_shows_its_type_and_default_and_takes_both_spellings():
+    from erasure.cli import build_parser
+    from erasure.config import build_parser as train_parser
+
+    parsers = list(_parsers(build_parser())) + [train_parser()]
+    assert len(parsers) > 10
+    for parser in parsers:
+        text = parser.format_help()
+        blocks = re.split(r"\n(?=  -)", text.split("options:")[1])[1:]  # one block per option
+        options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+        assert len(blocks) == len(options) + 1, parser.prog  # + --help
+        for block in blocks[1:]:
+            assert re.search(r"\[[^\]]+\]\s*$", block), f"{parser.prog}: {block}"  # [type; default …]
+        for action in options:
+            for name in action.option_strings:
+                other = "--" + (name[2:].replace("-", "_") if "-" in name[2:] else name[2:].replace("_", "-"))
+                assert parser._option_string_actions.get(other, action) is action, (parser.prog, name)
+    top = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)][0]
+    assert list(top.choices)[:6] == ["prompts", "data", "train", "eval", "report", "push"]  # the order of the work
+    generate = ["data", "generate", "--prompts", "p", "--model", "m", "--out", "o"]
+    assert build_parser().parse_args(generate + ["--batch_size", "2"]).batch_size == 2
+    assert build_parser().parse_args(generate + ["--batch-size", "3"]).batch_size == 3
+    assert build_parser().parse_args(["prompts", "build", "s", "--out", "o", "--llm-model", "x"]).llm_model == "x"
+    assert vars(train_parser().parse_args(["--max-steps", "3"])) == vars(train_parser().parse_args(["--max_steps", "3"]))
 
 
 def test_losses_and_gradient_cosine_reach_the_installed_tracker(tiny_sd1, tmp_path):

@@ -217,7 +217,7 @@ OTHER_CASES = {
     "prompts: --out is a file": (lambda t, m: ["prompts", "build", _spec(t), "--out", str(_write(t / "f", "x"))],
                                  "/f: "),
     "prompts: openai without a base URL": (lambda t, m: ["prompts", "build", _spec(t), "--out", str(t / "p"),
-                                                         "--llm", "openai", "--model", "gpt"], "--base-url"),
+                                                         "--llm", "openai", "--llm-model", "gpt"], "--base-url"),
 }
 
 

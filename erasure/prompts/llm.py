@@ -387,11 +387,11 @@ def make_client(llm: str, base_url: str | None = None, model: str | None = None,
                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0):
     """llm = 'openai' (needs base_url and model) or 'local:PATH'. Clear ValueError otherwise."""
     if llm == "openai":
-        missing = [name for name, value in (("base_url (--base-url)", base_url), ("model (--model)", model))
+        missing = [name for name, value in (("base_url (--base-url)", base_url), ("model (--llm-model)", model))
                    if not value]
         if missing:
             raise LLMError(f"--llm openai needs {' and '.join(missing)}, e.g. --base-url "
-                             "http://localhost:8000/v1 --model NAME")
+                             "http://localhost:8000/v1 --llm-model NAME")
         return OpenAIChat(base_url, model, api_key_env=api_key_env, timeout=timeout)
     if isinstance(llm, str) and llm.startswith("local:"):
         path = llm[len("local:"):]
