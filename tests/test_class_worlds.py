@@ -51,9 +51,8 @@ def test_a_world_of_each_kind_builds_into_a_pipeline_diffusers_loads(kind, setti
         assert pipe.scheduler.config.clip_sample and pipe.scheduler.config.beta_end == recipe.beta_end
 
 
-# What the shipped builds printed (README, "The class and unconditional worlds"): the class world
-# meets the bar (read-back 0.981 ≥ 0.95); the unconditional world's record must say whether
-# it does, and the builds are guarded against regressions from there.
+# What the shipped builds printed (erasure/world/README.md): both meet the bars, the class
+# world with a read-back of 0.981 (≥ 0.95), the unconditional world 1.6 points from uniform (≤ 2).
 @pytest.mark.parametrize("model", ["world:class", "world:uncond"])
 def test_the_shipped_worlds_record_their_quality_and_their_oracle_reads_every_class(model):
     folder = world_path(model)
@@ -63,8 +62,7 @@ def test_the_shipped_worlds_record_their_quality_and_their_oracle_reads_every_cl
     if model == "world:class":
         assert quality["bar"] == 0.95 and quality["mean_read_back"] >= 0.95 and quality["passed"]
     else:
-        assert quality["largest_gap_from_uniform"] <= 0.06  # the shipped build: 5.2 points (bar: 2)
-        assert quality["bar"] == 0.02 and quality["passed"] == (quality["largest_gap_from_uniform"] <= 0.02)
+        assert quality["bar"] == 0.02 and quality["largest_gap_from_uniform"] <= 0.02 and quality["passed"]
     oracle = world_oracle(folder)
     classes = list(shape_classes())
     shapes = [c for c in classes for _ in range(40)]
