@@ -30,15 +30,33 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
 
 
+NESTED = "/"  # joins an entry's key to a key inside it (bitsandbytes keeps its 8-bit state in a dict)
+
+
 def _split_optimizer_state(state: dict):
-    tensors, scalars = {}, {}
+    tensors, scalars, seen = {}, {}, set()
     for index, entries in state["state"].items():
         for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
+            inner = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, item in inner:
+                name = key if sub is None else f"{key}{NESTED}{sub}"
+                if torch.is_tensor(item):
+                    # safetensors stores no shared memory: bitsandbytes shares one quantisation map
+                    shared = item.untyped_storage().data_ptr() in seen
+                    seen.add(item.untyped_storage().data_ptr())
+                    tensors[f"optimizer.{index}.{name}"] = item.clone() if shared else item.contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[name] = item
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _set_entry(entries: dict, name: str, value) -> None:
+    """entries[name] = value, where name may be key/sub for a key inside a dict entry."""
+    if NESTED in name:
+        key, sub = name.split(NESTED, 1)
+        entries.setdefault(key, {})[sub] = value
+    else:
+        entries[name] = value
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict, lr_scheduler,
@@ -83,11 +101,14 @@ def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler, place=None):
     for key, value in stored.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
-            per_param.setdefault(int(index), {})[name] = place(int(index), value) if place else value
+            if place and NESTED not in name:  # a quantised state is kept whole, as it was saved
+                value = place(int(index), value)
+            _set_entry(per_param.setdefault(int(index), {}), name, value)
         else:
             extra[key] = value
     for index, scalars in state["optimizer"]["scalars"].items():
-        per_param.setdefault(int(index), {}).update(scalars)
+        for name, value in scalars.items():
+            _set_entry(per_param.setdefault(int(index), {}), name, value)
     groups = state["optimizer"]["param_groups"]
     for group in groups:  # JSON turned tuples (Adam's betas) into lists
         for key, value in group.items():

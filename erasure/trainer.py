@@ -455,8 +455,11 @@ def train(config: TrainConfig) -> Path:
         optimizer = torch.optim.SGD(params, lr=config.learning_rate, momentum=config.sgd_momentum,
                                     weight_decay=config.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        adamw = torch.optim.AdamW
+        if config.optimizer == "adamw8bit":  # same update, moments kept blockwise in 8 bits
+            from bitsandbytes.optim import AdamW8bit as adamw
+        optimizer = adamw(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                          eps=config.adam_epsilon, weight_decay=config.weight_decay)
     # The schedule is stepped once per update by us, not by accelerate (which steps it per process).
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)

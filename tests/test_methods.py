@@ -192,3 +192,19 @@ def test_sgd_steps_along_the_restricted_gradient_and_adam_does_not():
     torch.testing.assert_close(steps["sgd"], -0.1 * update)
     assert float(steps["sgd"] @ g_r) <= 1e-9  # the retain loss does not rise to first order
     assert float(steps["adam"] @ g_r) > 0  # Adam's sign-like first step climbs it
+
+
+def test_adamw8bit_keeps_its_moments_in_8_bits_and_resumes_exactly(tiny_sd1, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    common = dict(model=tiny_sd1, optimizer="adamw8bit", checkpointing_steps=1, keep_checkpoints=True)
+    full = run_recipe("tiny/rgd.yaml", output_dir=tmp_path / "full", max_steps=3, **common)
+    before, after = read_weights(tiny_sd1 / "unet"), read_weights(full / "unet")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    state = load_file(full / "checkpoints" / "checkpoint-2" / "optimizer.safetensors")
+    assert any(v.dtype == torch.uint8 for v in state.values())  # the quantised moments of the large tensors
+    resumed = run_recipe("tiny/rgd.yaml", output_dir=tmp_path / "resumed", max_steps=3,
+                         resume=full / "checkpoints" / "checkpoint-1", **common)
+    again = read_weights(resumed / "unet")
+    assert all(torch.equal(after[k], again[k]) for k in after)  # the 8-bit state came back as it was
