@@ -51,6 +51,15 @@ def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
     a, b, c = generate(erased), generate(with_adapter), generate(plain)
     assert abs(a - b).max() < 1e-4  # base + adapter == the fused export
     assert abs(a - c).max() > 1e-4  # and the adapter did change the model
+    if family == "sd1":  # the same adapter in kohya's layout (A1111, ComfyUI), with its alpha
+        from safetensors.torch import load_file
+
+        kohya = load_file(out / "lora_kohya.safetensors")
+        assert all(k.startswith("lora_unet_") for k in kohya)
+        assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {16.0}
+        with_kohya = DiffusionPipeline.from_pretrained(base)
+        with_kohya.load_lora_weights(out, weight_name="lora_kohya.safetensors")
+        assert abs(a - generate(with_kohya)).max() < 1e-4
 
 
 def test_a_crash_at_any_moment_of_an_export_leaves_the_old_export_whole(tiny_sd1, tmp_path):

@@ -16,6 +16,8 @@ import copy
 import re
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
 
 from erasure.errors import RecipeError
@@ -212,6 +214,26 @@ class Backbone:
         """Write the adapter with its peft config (rank, alpha, targets) as safetensors metadata: without
         it diffusers reloads the adapter at alpha = rank, whatever alpha it was trained with."""
         raise NotImplementedError
+
+
+KOHYA_LORA = "lora_kohya.safetensors"
+
+
+def save_kohya_lora(directory, lora_state_dict: dict, metadata: dict, prefix: str = "unet") -> None:
+    """The adapter again in kohya-ss's layout, which A1111, ComfyUI and diffusers' load_lora_weights
+    read: `lora_unet_<module path with _>.lora_down/lora_up.weight` and a `.alpha` per module. diffusers'
+    converter writes alpha = rank; the adapter was trained with lora_alpha, so that is written instead
+    (kohya scales each module by alpha / rank, as peft does)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    converted = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in lora_state_dict.items()})
+    alpha = torch.tensor(float(metadata["lora_alpha"]))
+    tensors = {k: alpha.clone() if k.endswith(".alpha") else v.detach().contiguous().cpu()
+               for k, v in converted.items()}
+    save_file(tensors, Path(directory) / KOHYA_LORA, metadata={"ss_network_module": "networks.lora",
+                                                              "ss_network_dim": str(metadata["r"]),
+                                                              "ss_network_alpha": str(metadata["lora_alpha"])})
 
 
 def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

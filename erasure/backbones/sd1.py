@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from erasure.backbones.base import Conditioning, token_segments
+from erasure.backbones.base import Conditioning, save_kohya_lora, token_segments
 from erasure.backbones.ddpm import DDPMBackbone
 
 
@@ -39,3 +39,4 @@ class StableDiffusionBackbone(DDPMBackbone):
     def save_lora(self, directory, lora_state_dict, metadata):
         type(self.pipe).save_lora_weights(directory, unet_lora_layers=lora_state_dict,
                                           unet_lora_adapter_metadata=metadata)
+        save_kohya_lora(directory, lora_state_dict, metadata)  # for A1111 / ComfyUI
