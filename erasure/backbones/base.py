@@ -216,8 +216,6 @@ class Backbone:
         raise NotImplementedError
 
 
-KOHYA_LORA = "lora_kohya.safetensors"
-
 
 def save_kohya_lora(directory, lora_state_dict: dict, metadata: dict, prefix: str = "unet") -> None:
     """The adapter again in kohya-ss's layout, which A1111, ComfyUI and diffusers' load_lora_weights
@@ -226,6 +224,8 @@ def save_kohya_lora(directory, lora_state_dict: dict, metadata: dict, prefix: st
     (kohya scales each module by alpha / rank, as peft does)."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
+
+    from erasure.hub import KOHYA_LORA
 
     converted = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in lora_state_dict.items()})
     alpha = torch.tensor(float(metadata["lora_alpha"]))
