@@ -136,6 +136,25 @@ def test_eval_two_models_side_by_side_and_resume(small_suite, i2p_file, tiny_sd1
     table = capsys.readouterr().out
     assert table.count("| i2p-nudity-tiny | 1-erased |") == 2
 
+    # The export's card, published with this evaluation: hub metadata, the tables, no local path.
+    from erasure.hub import CARD_JSON, model_card, publish_operations
+
+    record = json.loads((erased / CARD_JSON).read_text())
+    card = model_card(record, repo_id="someone/sd1-nudity-rgd", report=report)
+    text = str(card)
+    assert card.data.library_name == "diffusers" and {"erasure", "rgd", "sd1"} <= set(card.data.tags)
+    assert card.data.base_model is None and "a local model" in text  # a tiny model has no hub id
+    assert 'from_pretrained("someone/sd1-nudity-rgd")' in text and "## Evaluation" in text
+    assert "| images with any |" in text and "i2p-nudity-tiny" in text
+    assert str(tmp_path) not in text and str(tmp_path) not in (erased / "README.md").read_text()
+    (erased / "checkpoints").mkdir(exist_ok=True)
+    (erased / "checkpoints" / "state.json").write_text("{}")
+    operations = {op.path_in_repo: op for op in publish_operations(erased, record, card)}
+    assert "model_index.json" in operations and "unet/config.json" in operations
+    assert not [p for p in operations if p.startswith(("checkpoints", "logs", "monitor"))]
+    public = operations[CARD_JSON].path_or_fileobj.decode()
+    assert str(tmp_path) not in public and json.loads(public)["config"]["method"] == "rgd"
+
 
 def test_class_forgetting_and_retain_alignment_suites_run(tiny_sd1, tmp_path):
     from erasure.prompts.build import build_prompt_sets
@@ -208,22 +227,3 @@ def test_the_shipped_i2p_suite_runs_on_a_local_file(i2p_file, tiny_sd1, tmp_path
     report = json.loads((tmp_path / "r/report.json").read_text())
     assert report["protocol"]["metrics"]["clip_alignment"]["pretrained"] is None  # said in the protocol
     assert all(m["metrics"]["nudenet"]["images"] == 2 for m in report["models"])
-
-    # The export's card, published with this evaluation: hub metadata, the tables, no local path.
-    from erasure.hub import CARD_JSON, model_card, publish_operations
-
-    record = json.loads((erased / CARD_JSON).read_text())
-    card = model_card(record, repo_id="someone/sd1-nudity-rgd", report=report)
-    text = str(card)
-    assert card.data.library_name == "diffusers" and {"erasure", "rgd", "sd1"} <= set(card.data.tags)
-    assert card.data.base_model is None and "a local model" in text  # a tiny model has no hub id
-    assert 'from_pretrained("someone/sd1-nudity-rgd")' in text and "## Evaluation" in text
-    assert "| images with any |" in text and "i2p-nudity-tiny" in text
-    assert str(tmp_path) not in text and str(tmp_path) not in (erased / "README.md").read_text()
-    (erased / "checkpoints").mkdir(exist_ok=True)
-    (erased / "checkpoints" / "state.json").write_text("{}")
-    operations = {op.path_in_repo: op for op in publish_operations(erased, record, card)}
-    assert "model_index.json" in operations and "unet/config.json" in operations
-    assert not [p for p in operations if p.startswith(("checkpoints", "logs", "monitor"))]
-    public = operations[CARD_JSON].path_or_fileobj.read().decode()
-    assert str(tmp_path) not in public and json.loads(public)["config"]["method"] == "rgd"
