@@ -63,6 +63,7 @@ def test_monitor_stops_a_world_run_once_the_oracle_reads_the_concept_gone(tmp_pa
     assert "stopped at erasure | step" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow  # 28 s: keeps the default suite under 10 min; the monitor it reads with is tested above
 def test_frontier_bench_end_to_end_on_a_reduced_budget(tmp_path):
     from erasure.bench import bench_frontier
 
