@@ -155,8 +155,12 @@ def push_export(folder: str | Path, repo_id: str, private: bool = False, report:
         raise OutputError(f"{str(folder)!r} is not an erasure export (no {CARD_JSON}); push the output_dir "
                           "of `erasure train`")
     if not HUB_ID.match(repo_id or ""):
-        raise OutputError(f"hub_model_id: {repo_id!r} is not a hub repo id; expected OWNER/NAME")
-    record = json.loads((folder / CARD_JSON).read_text())
+        raise OutputError(f"hub_model_id (--hub-model-id): {repo_id!r} is not a hub repo id; expected OWNER/NAME")
+    try:
+        record = json.loads((folder / CARD_JSON).read_text())
+        record["config"]["method"], record["family"]  # noqa: B018 - what the card and the commit read
+    except (ValueError, KeyError, TypeError):
+        raise OutputError(f"{folder / CARD_JSON}: not a record `erasure train` wrote; export the run again") from None
     card = model_card(record, repo_id=repo_id, report=report)
     operations = publish_operations(folder, record, card)
     api = HfApi()  # the token: HF_TOKEN or the stored login, read by huggingface_hub itself

@@ -10,14 +10,14 @@ from erasure.hub import hub_base_model, public_record
 
 
 def test_base_model_is_named_by_its_hub_id_or_not_at_all(tmp_path):
-    snapshot = tmp_path / "hub" / "models--CompVis--stable-diffusion-v1-4" / "snapshots" / "0123abc"
+    snapshot = tmp_path / "hub" / "models--some-org--base-model" / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
     export = tmp_path / "erased"
     export.mkdir()
     (export / "erasure.json").write_text(json.dumps({"base_model": str(snapshot)}))
-    assert hub_base_model("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
-    assert hub_base_model(str(snapshot)) == "CompVis/stable-diffusion-v1-4"  # the Hub's cache layout
-    assert hub_base_model(str(export)) == "CompVis/stable-diffusion-v1-4"  # an export of it: its base
+    assert hub_base_model("some-org/base-model") == "some-org/base-model"
+    assert hub_base_model(str(snapshot)) == "some-org/base-model"  # the Hub's cache layout
+    assert hub_base_model(str(export)) == "some-org/base-model"  # an export of it: its base
     assert hub_base_model(str(tmp_path)) is None  # a folder of one's own
     for model in ("tiny:sd1", "world:micro", "not a hub id", ""):
         assert hub_base_model(model) is None
@@ -56,12 +56,22 @@ def test_a_lora_card_names_the_hub_base_and_both_adapter_files():
 
     record = {"config": {"method": "rgd", "scope": "lora", "concept": "nudity", "batch_size": 8,
                          "learning_rate": 1e-5},
-              "base_model": "CompVis/stable-diffusion-v1-4", "family": "sd1", "steps": 100,
+              "base_model": "some-org/base-model", "family": "sd1", "steps": 100,
               "final_losses": {"forget": 1.0, "retain": None}, "run": {},
               "data": {"forget_data": {"source": "/home/alice/forget", "rows": 8, "sha256": "ab" * 32}}}
     card = model_card(record, repo_id="me/sd14-nudity")
     text = str(card)
-    assert card.data.base_model == "CompVis/stable-diffusion-v1-4" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.base_model == "some-org/base-model" and card.data.pipeline_tag == "text-to-image"
     assert "lora" in card.data.tags and 'load_lora_weights("me/sd14-nudity")' in text
     assert "lora_kohya.safetensors" in text and "pytorch_lora_weights.safetensors" in text
     assert "alice" not in text and "`forget`" in text
+
+
+def test_push_refuses_a_damaged_record_and_a_bad_repo_id(tmp_path, capsys):
+    (tmp_path / "erasure.json").write_text("{not json")
+    for argv, expected in ([str(tmp_path), "--hub-model-id", "me/x"], "not a record `erasure train` wrote"), \
+            ([str(tmp_path), "--hub-model-id", "no-owner"], "'no-owner' is not a hub repo id"):
+        with pytest.raises(SystemExit) as info:
+            cli(["push"] + argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1
