@@ -296,7 +296,7 @@ def build_parser() -> Parser:
     generate = data_commands.add_parser("generate", help="render DIR/forget and DIR/retain image folders")
     generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build` (forget_prompt / "
                           "retain_prompt per line; class names for a class-conditional model such as DiT)")
-    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:class-unet / tiny:uncond, world:micro / world:class / world:uncond")
+    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sdxl / tiny:sd3 / tiny:dit / tiny:class-unet / tiny:uncond, world:micro / world:class / world:uncond")
     generate.add_argument("--out", required=True)
     generate.add_argument("--steps", type=int,
                           help="sampler steps (default: the model's own sampler: a micro world's 20, SD's and DiT's "
@@ -348,7 +348,7 @@ def build_parser() -> Parser:
     push.set_defaults(run=_push)
 
     tiny = commands.add_parser("tiny", help="write a tiny random pipeline for tests and demos")
-    tiny.add_argument("family", choices=["sd1", "sd1-v", "sd3", "dit", "class-unet", "uncond"])  # erasure.tiny.TINY_BUILDERS (imports torch)
+    tiny.add_argument("family", choices=["sd1", "sd1-v", "sdxl", "sd3", "dit", "class-unet", "uncond"])  # erasure.tiny.TINY_BUILDERS (imports torch)
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny)

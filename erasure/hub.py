@@ -21,13 +21,14 @@ from erasure.errors import OutputError
 
 CARD_JSON = "erasure.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-KOHYA_LORA = "lora_kohya.safetensors"  # the same adapter in kohya-ss's layout (SD 1.x)
+KOHYA_LORA = "lora_kohya.safetensors"  # the same adapter in kohya-ss's layout
+KOHYA_FAMILIES = ("sd1", "sdxl")  # the UNet families whose LoRA exports write it (backbones.base.save_kohya_lora)
 # What a run leaves beside the pipeline for the training machine only (erasure.trainer.RUN_FILES and
 # the checkpoints): never uploaded.
 NOT_PUBLISHED = ("checkpoints", "logs", "monitor")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # The Hub's task of each family; a class-conditional model (DiT) has no task of its own there.
-FAMILY_PIPELINE_TAG = {"sd1": "text-to-image", "sd3": "text-to-image", "ddpm": "unconditional-image-generation"}
+FAMILY_PIPELINE_TAG = {"sd1": "text-to-image", "sdxl": "text-to-image", "sd3": "text-to-image", "ddpm": "unconditional-image-generation"}
 
 
 def hub_base_model(model: str, depth: int = 3) -> str | None:
@@ -115,7 +116,7 @@ def model_card(record: dict, repo_id: str | None = None, report: dict | None = N
     lora = (f"\nThe LoRA adapter alone is in `{LORA_WEIGHTS}`; apply it to the base model with "
             f"`pipe.load_lora_weights(\"{where}\")`."
             + (f" The same adapter in kohya's layout, for A1111 and ComfyUI, is `{KOHYA_LORA}`."
-               if family == "sd1" else "") + "\n") if config["scope"] == "lora" else ""
+               if family in KOHYA_FAMILIES else "") + "\n") if config["scope"] == "lora" else ""
     body = f"""
 # {config['concept'] or 'A concept'} erased from {base_text} with {method.upper()}
 

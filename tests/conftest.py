@@ -12,6 +12,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
+TEXT_FAMILIES = ["sd1", "sdxl", "sd3"]  # the text-to-image tiny fixtures every method runs on
 
 # A ~1.6M-parameter open_clip model (real BPE tokenizer), randomly initialised in the tests.
 TINY_CLIP_CONFIG = {
@@ -37,6 +38,13 @@ def tiny_sd1(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from erasure.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     from erasure.tiny import build_tiny_sd3
 
@@ -44,8 +52,8 @@ def tiny_sd3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tiny_sd1, tiny_sd3):
-    return {"sd1": tiny_sd1, "sd3": tiny_sd3}
+def tiny_models(tiny_sd1, tiny_sdxl, tiny_sd3):
+    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
 
 
 @pytest.fixture(autouse=True)

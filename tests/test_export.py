@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from conftest import read_weights, run_recipe
+from conftest import TEXT_FAMILIES, read_weights, run_recipe
 from erasure.export import check_output_dir, export_pipeline
 
 
@@ -15,7 +15,7 @@ def generate(pipe, prompt="a photo of a person on a beach"):
                 generator=torch.Generator().manual_seed(0)).images
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_export_loads_with_no_extra_arguments_and_generates(family, tiny_models, tmp_path):
     out = run_recipe("tiny/rgd.yaml", model=tiny_models[family], output_dir=tmp_path / "out", max_steps=2)
     pipe = DiffusionPipeline.from_pretrained(out)
@@ -38,7 +38,7 @@ def test_sd3_trained_without_t5_exports_a_complete_pipeline(tiny_sd3, tmp_path):
     assert generate(pipe).shape == (1, 32, 32, 3)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
     base = tiny_models[family]
     # alpha ≠ rank: the adapter file must carry its alpha, or diffusers reloads it at alpha = rank
@@ -51,7 +51,7 @@ def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
     a, b, c = generate(erased), generate(with_adapter), generate(plain)
     assert abs(a - b).max() < 1e-4  # base + adapter == the fused export
     assert abs(a - c).max() > 1e-4  # and the adapter did change the model
-    if family == "sd1":  # the same adapter in kohya's layout (A1111, ComfyUI), with its alpha
+    if family in ("sd1", "sdxl"):  # the same adapter in kohya's layout (A1111, ComfyUI), with its alpha
         from safetensors.torch import load_file
 
         kohya = load_file(out / "lora_kohya.safetensors")

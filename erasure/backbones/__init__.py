@@ -13,6 +13,7 @@ from erasure.backbones.base import Backbone, Conditioning, Noised
 from erasure.backbones.dit import DiTBackbone
 from erasure.backbones.sd1 import StableDiffusionBackbone
 from erasure.backbones.sd3 import StableDiffusion3Backbone
+from erasure.backbones.sdxl import StableDiffusionXLBackbone
 from erasure.backbones.unconditional import UnconditionalBackbone
 from erasure.errors import ModelError, one_line
 
@@ -20,6 +21,7 @@ __all__ = ["Backbone", "Conditioning", "Noised", "check_model", "load_backbone",
 
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
+    "StableDiffusionXLPipeline": StableDiffusionXLBackbone,
     "StableDiffusion3Pipeline": StableDiffusion3Backbone,
     "DiTPipeline": DiTBackbone,
     "DDPMPipeline": UnconditionalBackbone,
