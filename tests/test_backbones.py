@@ -39,3 +39,24 @@ def test_flow_matching_interpolates_and_samples_logit_normal(backbones):
 
 def test_sd1_reads_the_prediction_type_from_the_scheduler(backbones):
     assert backbones["eps"].prediction_type == "epsilon" and backbones["v"].prediction_type == "v_prediction"
+
+
+def test_sdxl_conditions_the_unet_as_its_sampler_does(tiny_sdxl):
+    """The backbone's prediction for "" and a prompt is the UNet output StableDiffusionXLPipeline gets
+    in its own guided step: the same embeddings, pooled text, zeros for the unconditional half and
+    size numbers."""
+    backbone = load_backbone(tiny_sdxl)
+    seen = {}
+
+    def keep(module, args, kwargs, output):
+        seen.update(x=args[0], t=args[1], out=output[0])  # the pipeline calls it with return_dict=False
+
+    handle = backbone.denoiser.register_forward_hook(keep, with_kwargs=True)
+    backbone.pipe("a striped cat", num_inference_steps=1, guidance_scale=5.0, height=32, width=32,
+                  output_type="latent", generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    cond = backbone.encode_prompts(["", "a striped cat"], "cpu")
+    assert not cond["encoder_hidden_states"][0].any() and not cond["text_embeds"][0].any()
+    t = seen["t"].expand(2) if seen["t"].ndim else seen["t"].repeat(2)
+    pred = backbone.predict(backbone.denoiser, seen["x"], t, cond)
+    assert torch.allclose(pred, seen["out"], atol=1e-5)
