@@ -72,8 +72,9 @@ def test_pairs_sd1(generated):
     assert len(load_prompt_image_set("retain_data", str(generated / "retain"))) == 3
 
 
-def test_pairs_sd3(tiny_sd3, tmp_path):
-    out = generate_pairs(write_prompts(tmp_path / "p.jsonl", 1), tiny_sd3, tmp_path / "out", **FAST)
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_pairs_on_the_other_text_families(family, tiny_models, tmp_path):
+    out = generate_pairs(write_prompts(tmp_path / "p.jsonl", 1), tiny_models[family], tmp_path / "out", **FAST)
     for side in ("forget", "retain"):
         assert len(rows(out / side)) == 1
         assert pixels(out / side / "000000_0.png").shape == (32, 32, 3)
