@@ -28,7 +28,7 @@ KOHYA_FAMILIES = ("sd1", "sdxl")  # the UNet families whose LoRA exports write i
 NOT_PUBLISHED = ("checkpoints", "logs", "monitor")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # The Hub's task of each family; a class-conditional model (DiT) has no task of its own there.
-FAMILY_PIPELINE_TAG = {"sd1": "text-to-image", "sdxl": "text-to-image", "sd3": "text-to-image", "ddpm": "unconditional-image-generation"}
+FAMILY_PIPELINE_TAG = {"sd1": "text-to-image", "sdxl": "text-to-image", "sd3": "text-to-image", "flux": "text-to-image", "ddpm": "unconditional-image-generation"}
 
 
 def hub_base_model(model: str, depth: int = 3) -> str | None:

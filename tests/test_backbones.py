@@ -60,3 +60,35 @@ def test_sdxl_conditions_the_unet_as_its_sampler_does(tiny_sdxl):
     t = seen["t"].expand(2) if seen["t"].ndim else seen["t"].repeat(2)
     pred = backbone.predict(backbone.denoiser, seen["x"], t, cond)
     assert torch.allclose(pred, seen["out"], atol=1e-5)
+
+
+def test_flux_packs_and_conditions_as_its_sampler_does(tiny_flux):
+    """The backbone's velocity for (B, C, h, w) latents is the transformer output FluxPipeline gets in
+    its own step, unpacked: the same 2×2 packing, position ids, s = t / 1000, guidance embedding."""
+    from diffusers import FluxPipeline
+
+    backbone = load_backbone(tiny_flux)
+    seen = {}
+
+    def keep(module, args, kwargs, output):
+        seen.update(kwargs=kwargs, out=output[0])
+
+    handle = backbone.denoiser.register_forward_hook(keep, with_kwargs=True)
+    backbone.pipe("a striped cat", num_inference_steps=1, guidance_scale=3.5, height=32, width=32,
+                  output_type="latent", generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    scale = backbone.latent_scale
+    x_t = FluxPipeline._unpack_latents(seen["kwargs"]["hidden_states"], 32, 32, scale)
+    assert x_t.shape == (1, 4, 16, 16)
+    pred = backbone.predict(backbone.denoiser, x_t, seen["kwargs"]["timestep"] * 1000,
+                            backbone.encode_prompts(["a striped cat"], "cpu"))
+    assert torch.equal(pred, FluxPipeline._unpack_latents(seen["out"], 32, 32, scale))
+
+
+def test_flux_esd_samples_on_the_pipelines_own_timesteps(tiny_flux):
+    """FLUX shifts its timesteps by the image's token count; ESD's partial trajectories use the same."""
+    backbone = load_backbone(tiny_flux)
+    pipe = backbone.pipe
+    pipe("a cat", num_inference_steps=6, height=32, width=32, output_type="latent")
+    ours = backbone.sampling_scheduler(6, torch.zeros(1, 4, 16, 16))
+    assert torch.allclose(ours.timesteps, pipe.scheduler.timesteps)

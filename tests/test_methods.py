@@ -10,7 +10,7 @@ from conftest import TEXT_FAMILIES, read_weights, run_recipe
 from erasure.backbones import load_backbone
 from erasure.config import METHODS, TrainConfig
 
-DENOISER = {"sd1": "unet", "sdxl": "unet", "sd3": "transformer"}
+DENOISER = {"sd1": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
 def expected_trainable(model_dir, method: str) -> set[str]:
@@ -51,7 +51,7 @@ def test_scopes_partition_the_denoiser(family, tiny_models):
     assert names["xattn"] and names["noxattn"]
     assert names["xattn"] | names["noxattn"] < names["full"]  # noxattn leaves time embedding / output
     assert not names["xattn"] & names["noxattn"]
-    pattern = r"attn2\." if family in ("sd1", "sdxl") else r"attn\.(add_|to_add_out)"
+    pattern = r"attn2\." if family in ("sd1", "sdxl") else r"attn\.(add_|to_add_out|norm_added_)"
     assert all(re.search(pattern, n) for n in names["xattn"])
 
 
@@ -208,3 +208,11 @@ def test_adamw8bit_keeps_its_moments_in_8_bits_and_resumes_exactly(tiny_sd1, tmp
                          resume=full / "checkpoints" / "checkpoint-1", **common)
     again = read_weights(resumed / "unet")
     assert all(torch.equal(after[k], again[k]) for k in after)  # the 8-bit state came back as it was
+
+
+def test_flux_without_t5_is_refused_in_one_line(tiny_flux, tmp_path):
+    from erasure.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"^use_t5: false on FluxPipeline: .*set use_t5: true$") as refused:
+        run_recipe("tiny/rgd.yaml", model=tiny_flux, output_dir=tmp_path / "out", use_t5=False)
+    assert "\n" not in str(refused.value) and not list((tmp_path / "out").glob("*"))

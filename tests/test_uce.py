@@ -12,8 +12,9 @@ from erasure.backbones.base import TokenSegment
 from erasure.methods.uce import _pairs_aligned, uce_edit
 
 EDITED = {"sd1": r"attn2\.to_[kv]\.weight$", "sdxl": r"attn2\.to_[kv]\.weight$",
-          "sd3": r"^(context_embedder|time_text_embed\.text_embedder\.linear_1)\.weight$"}
-DENOISER = {"sd1": "unet", "sdxl": "unet", "sd3": "transformer"}
+          "sd3": r"^(context_embedder|time_text_embed\.text_embedder\.linear_1)\.weight$",
+          "flux": r"^(context_embedder|time_text_embed\.text_embedder\.linear_1)\.weight$"}
+DENOISER = {"sd1": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
 def last_token_vectors(backbone, prompts):
