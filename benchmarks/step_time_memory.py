@@ -1,4 +1,4 @@
-"""Step time and peak GPU memory of every method at SD 1.4 and SD3-medium size, in one run.
+"""Step time and peak GPU memory of every method at SD 1.4, SDXL, SD3-medium and FLUX.1 size, in one run.
 
 The models are built from config with random weights (no weights can be downloaded), in the real
 sizes: SD 1.4 (UNet 860 M, CLIP ViT-L/14 text, the SD VAE) and SD3-medium (MMDiT 2 B, CLIP-L and
@@ -10,6 +10,9 @@ gradient must cost at most one gradient-sized buffer more than GradDiff (issue 2
 implementation it costs none.
 
     python benchmarks/step_time_memory.py --family sd1 --out /tmp/bench
+    python benchmarks/step_time_memory.py --family sdxl --out /tmp/bench --extra gradient_checkpointing=true
+    python benchmarks/step_time_memory.py --family flux --out /tmp/bench --methods graddiff rgd \
+        --extra scope=lora lora_rank=16 gradient_checkpointing=true
     python benchmarks/step_time_memory.py --family tiny --out /tmp/bench   # CPU dry run
 """
 
@@ -69,9 +72,64 @@ def build_sd3_medium(folder: Path):
                              ).save_pretrained(folder)
 
 
+def build_sdxl_base(folder: Path):
+    """SDXL base 1.0's sizes: UNet 2.6 B (three levels, 1/2/10 transformer layers), CLIP-L and
+    OpenCLIP bigG text encoders, the SD VAE."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from erasure.tiny import clip_tokenizer
+
+    unet = UNet2DConditionModel(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=1024, scaling_factor=0.13025)
+    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                        num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=clip_l, tokenizer=clip_tokenizer(), text_encoder_2=clip_g,
+                              tokenizer_2=clip_tokenizer(), scheduler=scheduler, add_watermarker=False
+                              ).save_pretrained(folder)
+
+
+def build_flux_dev(folder: Path):
+    """FLUX.1 [dev]'s sizes: the 12 B transformer (diffusers' defaults are [dev]'s, with the guidance
+    embedding), CLIP-L, T5-XXL (4.7 B), the 16-channel VAE. Saved in bf16 (≈ 34 GB; the device's disk
+    is 64 GB); erasure loads it in fp32 as any base."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from erasure.tiny import clip_tokenizer, t5_tokenizer
+
+    transformer = FluxTransformer2DModel(guidance_embeds=True)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=2,
+                        sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
+    # T5 v1.1 XXL's encoder; the tiny tokenizer's ids are all in range of its 32,128-row table.
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                 feed_forward_proj="gated-gelu"))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, vae=vae, text_encoder=clip_l, tokenizer=clip_tokenizer(),
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer(max_length=512), scheduler=scheduler)
+    pipe.to(torch.bfloat16).save_pretrained(folder)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["sd1", "sd3", "tiny"], required=True)
+    parser.add_argument("--family", choices=["sd1", "sdxl", "sd3", "flux", "tiny"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--methods", nargs="+",
                         default=["graddiff", "rgd", "finetune", "esd-x", "salun", "msgm-obtuse"])
@@ -88,7 +146,8 @@ def main():
     from erasure.tiny import build_atomically, build_tiny_sd1
     from erasure.trainer import train
 
-    builder = {"sd1": build_sd14, "sd3": build_sd3_medium, "tiny": build_tiny_sd1}[args.family]
+    builder = {"sd1": build_sd14, "sdxl": build_sdxl_base, "sd3": build_sd3_medium, "flux": build_flux_dev,
+               "tiny": build_tiny_sd1}[args.family]
     began = time.perf_counter()
     model = build_atomically(args.out / f"model-{args.family}", builder)
     print(f"model ready in {time.perf_counter() - began:.0f} s: {model}", flush=True)

@@ -23,40 +23,49 @@ TINY_CLIP_CONFIG = {
 }
 
 
+# Under pytest-xdist (the README's test command runs `-n 2`), each worker is one of the machine's
+# cores: one torch thread each, or the workers' thread pools fight over the same cores.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def erasure_cache(tmp_path_factory):
-    """tiny:* models and data are built into a per-session cache, as on a fresh machine."""
-    path = tmp_path_factory.mktemp("erasure-cache")
+    """tiny:* models and data are built into a cache that starts empty, as on a fresh machine; the
+    workers of one run share it (folders are built atomically, so two builders never clash)."""
+    root = tmp_path_factory.getbasetemp()
+    path = (root.parent if WORKER else root) / "erasure-cache"
+    path.mkdir(exist_ok=True)
     os.environ["ERASURE_CACHE"] = str(path)
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_sd1(tmp_path_factory):
-    from erasure.tiny import build_tiny_sd1
+def tiny(name: str) -> Path:
+    """The tiny:NAME fixture, built once per run into the shared cache."""
+    from erasure.backbones import resolve_model
 
-    return build_tiny_sd1(tmp_path_factory.mktemp("tiny") / "sd1")
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory):
-    from erasure.tiny import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+    return resolve_model(f"tiny:{name}")
 
 
 @pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory):
-    from erasure.tiny import build_tiny_sd3
-
-    return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3")
+def tiny_sd1(erasure_cache):
+    return tiny("sd1")
 
 
 @pytest.fixture(scope="session")
-def tiny_flux(tmp_path_factory):
-    from erasure.tiny import build_tiny_flux
+def tiny_sdxl(erasure_cache):
+    return tiny("sdxl")
 
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
+
+@pytest.fixture(scope="session")
+def tiny_sd3(erasure_cache):
+    return tiny("sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(erasure_cache):
+    return tiny("flux")
 
 
 @pytest.fixture(scope="session")
