@@ -216,6 +216,9 @@ def test_parse_list_rejects_non_arrays():
         with pytest.raises(ValueError, match="not a JSON array"):
             parse_list(text)
     assert parse_list('["a", ["nested"], 3]') == ["a", ["nested"], 3]
+    # json_object mode: the array under "items", even where a string before it holds a bracket
+    assert parse_list('{"note": "[x]", "items": ["a", "b"]}') == ["a", "b"]
+    assert parse_list('```json\n{"ideas": ["c"]}\n```') == ["c"]  # another key: the first array
 
 
 def test_retries_malformed_http500_and_timeout(server, spec):

@@ -41,10 +41,17 @@ _PUNCTUATION = set(" -',.&")
 
 
 def parse_list(text: str) -> list:
-    """The first JSON array in `text` (```json fences and prose around it are allowed)."""
+    """The array under "items" of a JSON object (what a client in json_object mode asks for), else the
+    first JSON array in `text` (```json fences and prose around it are allowed)."""
     if not isinstance(text, str):
         raise ValueError("not a JSON array (the answer is not text)")
     text = re.sub(r"```[A-Za-z]*", "", text)
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and isinstance(whole.get("items"), list):
+        return whole["items"]
     decoder = json.JSONDecoder()
     start = text.find("[")
     tries = 0
