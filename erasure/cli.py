@@ -80,7 +80,8 @@ def _prompts_build(args) -> None:
         from erasure.prompts.llm import make_client
 
         client = make_client(args.llm, base_url=args.base_url, model=args.llm_model,
-                             api_key_env=args.api_key_env, timeout=args.timeout)
+                             api_key_env=args.api_key_env, timeout=args.timeout, retries=args.llm_retries,
+                             json_object=not args.no_llm_json)
         out.mkdir(parents=True, exist_ok=True)
         # Accepted proposals are kept in llm_expansion.json as they arrive: a failed or interrupted
         # run keeps them, and a rerun asks only for what is missing.
@@ -285,10 +286,20 @@ def build_parser() -> Parser:
     build.add_argument("--llm-model", help="the LLM's name at the endpoint (--llm openai)")
     build.add_argument("--api-key-env", default="OPENAI_API_KEY",
                        help="environment variable holding the API key (never logged or written)")
-    build.add_argument("--timeout", type=float, default=60.0, help="seconds per LLM request")
+    build.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds for each attempt of an LLM request: connecting, sending and the whole answer")
+    build.add_argument("--llm-retries", type=int, default=2,
+                       help="retries of a failed LLM request (HTTP 408, 409, 429, 5xx, timeout, lost connection), "
+                            "with exponential backoff that honours Retry-After up to 2 minutes (--llm openai)")
+    build.add_argument("--no-llm-json", action="store_true",
+                       help="never ask the endpoint for a JSON object (response_format json_object); without it, "
+                            "an endpoint that refuses one (a 400 or 422 naming response_format) is asked in plain text "
+                            "(--llm openai)")
     build.add_argument("--per-dimension", type=int, default=20, help="subconcepts to ask for per dimension")
     build.add_argument("--paraphrases", type=int, default=5, help="paraphrases of the concept to ask for")
-    build.add_argument("--max-retries", type=int, default=3, help="attempts per step before giving up")
+    build.add_argument("--max-retries", type=int, default=3,
+                       help="answers per step that may yield nothing usable (not a JSON array, every item "
+                            "rejected) before giving up")
     build.set_defaults(run=_prompts_build)
 
     data = commands.add_parser("data", help="render paired images for a prompt set")

@@ -50,6 +50,11 @@ class LLMError(ErasureError):
         self.problem = problem or message
 
 
+class LLMAnswerError(LLMError):
+    """The LLM answered, but not with a chat completion erasure can read (a body that is not JSON, no
+    message text): unlike a request that failed, asking again may help."""
+
+
 def one_line(error: BaseException) -> str:
     """The message on one line: a multi-line message (a YAML parser's, say) is joined with ' | '."""
     return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())

@@ -1,7 +1,9 @@
 """LLM expansion of concept specs against a real local HTTP server (and a tiny local causal LM)."""
 
 import json
+import logging
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -9,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from erasure.errors import LLMAnswerError
 from erasure.prompts.expand import expand_spec, parse_list
-from erasure.prompts.llm import LLMError, LocalLM, OpenAIChat, make_client
+from erasure.prompts.llm import MAX_RESPONSE_BYTES, LLMError, LocalLM, OpenAIChat, make_client
 from erasure.prompts.spec import spec_from_dict
 
 KEY = "sk-test-SECRET-4242"
@@ -53,8 +56,9 @@ class Server:
     """A scripted OpenAI-compatible endpoint. Each request takes the next entry of `script`:
     (status, body, delay_s[, extra]) where body is a str/bytes or a callable(user prompt) -> content
     string, or None for the default (a good answer for the step), and extra may name response
-    `headers` or a `trickle` ("status line" or "body": 20 bytes of it sent 1 byte per 0.3 s). Every
-    request is recorded, GETs too (urllib follows a 301/302/303 as a GET)."""
+    `headers` or a `trickle` ("status line" or "body": 20 bytes of it sent 1 byte per 0.3 s). "{AUTH}"
+    in a body or header stands for the Authorization header the request came with. Every request is
+    recorded, GETs too (a client that followed a 301/302/303 would send one)."""
 
     def __init__(self):
         self.script = deque()
@@ -88,13 +92,13 @@ class Server:
                     payload = json.dumps(chat(good_answer(prompt)))
                 elif callable(payload):
                     payload = json.dumps(chat(payload(prompt)))
+                auth = self.headers.get("Authorization", "")
                 if isinstance(payload, str):
-                    payload = payload.replace("{AUTH}", self.headers.get("Authorization", ""))
-                    payload = payload.encode()
+                    payload = payload.replace("{AUTH}", auth).encode()
                 head = f"HTTP/1.0 {status} {self.responses.get(status, ('?',))[0]}\r\n"
                 for name, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
                                     **extra.get("headers", {})}.items():
-                    head += f"{name}: {value}\r\n"
+                    head += f"{name}: {value.replace('{AUTH}', auth)}\r\n"
                 raw = (head + "\r\n").encode() + payload
                 start = {None: len(raw), "status line": 0, "body": len(raw) - 20}[extra.get("trickle")]
                 try:
@@ -111,14 +115,14 @@ class Server:
         self.httpd.daemon_threads = True
         self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.url = self.origin + "/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def content(self, text: str, status: int = 200, delay: float = 0):
         self.script.append((status, json.dumps(chat(text)), delay))
 
-    def raw(self, body, status: int = 200, delay: float = 0):
-        self.script.append((status, body, delay))
+    def raw(self, body, status: int = 200, delay: float = 0, headers: dict | None = None):
+        self.script.append((status, body, delay, {"headers": headers or {}}))
 
     def redirect(self, location: str, status: int = 302):
         self.script.append((status, b"", 0, {"headers": {"Location": location}}))
@@ -147,9 +151,11 @@ def spec():
     return spec_from_dict(json.loads(json.dumps(SPEC)), source="test-spec")
 
 
-def client_for(server, timeout=5.0):
+def client_for(server, timeout=5.0, retries=0, json_object=True):
+    """A client of the server; without retries unless asked, so that each request takes one entry of
+    the script (the openai package's retries have tests of their own)."""
     return make_client("openai", base_url=server.url, model="test-model", api_key_env="TEST_LLM_KEY",
-                       timeout=timeout)
+                       timeout=timeout, retries=retries, json_object=json_object)
 
 
 def test_happy_path(server, spec, tmp_path, monkeypatch, capsys):
@@ -196,8 +202,16 @@ def test_happy_path(server, spec, tmp_path, monkeypatch, capsys):
 
 def test_no_key_no_header(server, spec, monkeypatch):
     monkeypatch.delenv("TEST_LLM_KEY", raising=False)
+    # what the openai package would otherwise read from the environment and send along
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-another-key")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-private")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-private")
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "X-Private: 1\nAuthorization: Bearer sk-custom")
     expand_spec(spec, client_for(server))
-    assert all("Authorization" not in r["headers"] for r in server.requests)
+    for r in server.requests:
+        names = {name.lower() for name in r["headers"]}
+        assert "authorization" not in names and not names & {"openai-organization", "openai-project", "x-private"}
+        assert "private" not in json.dumps(r["headers"])
 
 
 def test_fences_and_prose_are_parsed(server, spec):
@@ -216,16 +230,21 @@ def test_parse_list_rejects_non_arrays():
         with pytest.raises(ValueError, match="not a JSON array"):
             parse_list(text)
     assert parse_list('["a", ["nested"], 3]') == ["a", ["nested"], 3]
+    # json_object mode: the array under "items", even where a string before it holds a bracket
+    assert parse_list('{"note": "[x]", "items": ["a", "b"]}') == ["a", "b"]
+    assert parse_list('```json\n{"ideas": ["c"]}\n```') == ["c"]  # another key: the first array
 
 
 def test_retries_malformed_http500_and_timeout(server, spec):
+    # the answer that is not an array is asked for again by expand_spec; the failed requests are
+    # retried by the openai package (with retries=0 they would end the step: see the 401 test)
     server.content("[not json")                                  # paraphrases: malformed, then good
     server.raw(None)
     server.raw('{"error": "overloaded"}', status=500)            # subject: HTTP 500, then good
     server.raw(None)
     server.raw(None, delay=1.5)                                  # environment: too slow, then good
     server.raw(None)
-    new = expand_spec(spec, client_for(server, timeout=0.5), max_retries=3)
+    new = expand_spec(spec, client_for(server, timeout=0.5, retries=1), max_retries=3)
     assert server.steps() == ["paraphrases", "paraphrases", "subject", "subject", "environment", "environment"]
     assert "unclothed" in new.phrasings
     assert "gardener" in new.dimensions["subject"].train + new.dimensions["subject"].test
@@ -306,6 +325,7 @@ def test_http_401_message_hides_the_key(server, spec, monkeypatch, tmp_path):
     assert KEY not in str(info.value) and KEY not in repr(info.value) and KEY not in info.value.problem
     assert KEY not in repr(client_for(server))
     assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert len(server.requests) == 1  # a failed request ends the step: it is not asked again at once
     assert not state.exists()
 
 
@@ -341,6 +361,13 @@ def test_redirect_within_the_origin(server, monkeypatch):
     with pytest.raises(LLMError, match=r"redirect \(HTTP 302\) to .*/v1/other.*POST into a GET"):
         client.complete("hello")
     assert len(server.requests) == 1
+
+    server.requests.clear()
+    for _ in range(4):
+        server.redirect(server.url + "/chat/completions", 307)
+    with pytest.raises(LLMError, match="more than 3 in a row"):
+        client.complete("hello")
+    assert len(server.requests) == 4
 
 
 def test_echoed_key_is_redacted_from_messages_and_answers(server, monkeypatch):
@@ -401,6 +428,167 @@ def test_timeout_bounds_the_whole_request(server, part):
         client.complete("hello")
     assert time.monotonic() - start < 2.0
     assert server.url in str(info.value)
+
+
+# --- the openai package's retries, timeouts, JSON mode and logs ----------------------------------------
+
+def test_429_waits_as_long_as_retry_after_asks(server, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    server.raw('{"error": {"message": "slow down"}}', status=429, headers={"Retry-After": "1"})
+    server.content('["unclothed"]')
+    start = time.monotonic()
+    answer = client_for(server, retries=2).complete("hello")
+    waited = time.monotonic() - start
+    assert parse_list(answer) == ["unclothed"]
+    assert 0.95 <= waited < 1.9  # the backoff alone would have been 0.5 s at most
+    assert len(server.requests) == 2
+    assert [r["headers"]["Authorization"] for r in server.requests] == [f"Bearer {KEY}"] * 2
+    assert server.requests[1]["body"] == server.requests[0]["body"]
+
+
+def test_retry_after_beyond_two_minutes_is_not_waited(server):
+    server.raw('{"error": "quota"}', status=429, headers={"Retry-After": "600"})
+    start = time.monotonic()
+    with pytest.raises(LLMError, match=r"HTTP 429 Too Many Requests: .*quota.*\(Retry-After: 600\)"):
+        client_for(server, retries=2).complete("hello")
+    assert time.monotonic() - start < 0.5 and len(server.requests) == 1
+
+
+def test_500_is_retried_with_backoff_then_named_with_the_attempts(server):
+    client = client_for(server, retries=1)
+    server.raw('{"error": "overloaded"}', status=500)
+    server.raw(None)
+    start = time.monotonic()
+    assert parse_list(client.complete("hello")) == GOOD["paraphrases"]
+    assert 0.3 <= time.monotonic() - start < 1.5  # 0.5 s less up to 25 % jitter
+    assert len(server.requests) == 2
+
+    server.raw('{"error": "overloaded"}', status=500)
+    server.raw('{"error": "still overloaded"}', status=503)
+    with pytest.raises(LLMError, match=r"HTTP 503 Service Unavailable: .*still overloaded.* \(2 attempts\)"):
+        client.complete("hello")
+
+
+def test_malformed_json_body_is_asked_again_by_the_step(server, spec):
+    server.raw('{"choices": [{"message": ')   # a 200 cut short: the openai package does not retry it
+    server.raw(None)
+    with pytest.raises(LLMAnswerError, match="response body is not JSON"):
+        client_for(server, retries=2).complete("hello")
+    assert len(server.requests) == 1  # the good answer after it was left unasked
+    server.script.clear()
+    server.requests.clear()
+    server.raw("<html>a proxy's error page</html>")  # paraphrases: not JSON, then good
+    new = expand_spec(spec, client_for(server, retries=2), max_retries=2)
+    assert server.steps() == ["paraphrases", "paraphrases", "subject", "environment"]
+    assert "unclothed" in new.phrasings
+
+
+def test_a_slow_attempt_is_cut_and_retried(server):
+    server.trickle("body")
+    start = time.monotonic()
+    assert parse_list(client_for(server, timeout=1.0, retries=1).complete("hello")) == GOOD["paraphrases"]
+    assert time.monotonic() - start < 2.5  # 1 s for the trickling attempt, then at most 0.5 s of backoff
+    assert len(server.requests) == 2
+
+
+def test_response_size_is_limited(server):
+    server.raw(b"[" + b" " * MAX_RESPONSE_BYTES + b"]")
+    with pytest.raises(LLMError, match=f"response larger than {MAX_RESPONSE_BYTES} bytes"):
+        client_for(server, retries=2).complete("hello")
+    assert len(server.requests) == 1
+
+
+def test_json_object_mode_and_its_fallback(server, monkeypatch):
+    client = client_for(server)
+    server.content(json.dumps({"items": ["unclothed", "undressed"]}))
+    assert parse_list(client.complete("Reply with a JSON array")) == ["unclothed", "undressed"]
+    first = server.requests[0]["body"]
+    assert first["response_format"] == {"type": "json_object"}
+    assert '"items"' in first["messages"][0]["content"] and "JSON" in first["messages"][1]["content"]
+
+    # an endpoint without JSON mode: asked again in plain text, and from then on
+    server.requests.clear()
+    server.raw('{"error": {"message": "response_format type json_object is not supported"}}', status=400)
+    assert parse_list(client.complete("hello")) == GOOD["paraphrases"]
+    client.complete("hello")
+    bodies = [r["body"] for r in server.requests]
+    assert len(bodies) == 3 and "response_format" in bodies[0]
+    assert not any("response_format" in b for b in bodies[1:])
+    assert all("JSON array of short strings and nothing else" in b["messages"][0]["content"] for b in bodies[1:])
+
+    # another 400 is an error, not a reason to drop JSON mode
+    fresh = client_for(server)
+    server.raw('{"error": {"message": "unknown model"}}', status=400)
+    with pytest.raises(LLMError, match="HTTP 400 Bad Request: .*unknown model"):
+        fresh.complete("hello")
+    assert not fresh.json_object_refused
+
+    server.requests.clear()
+    client_for(server, json_object=False).complete("hello")
+    assert "response_format" not in server.requests[0]["body"]
+
+
+def test_the_key_stays_out_of_logs_output_and_files(server, spec, monkeypatch, tmp_path, caplog, capsys):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    caplog.set_level(logging.DEBUG)  # openai, httpx2 and httpcore2 at their most talkative
+    # a careless endpoint echoes the credentials in a header httpcore2 logs, and in an error the
+    # openai package logs nothing of
+    server.raw('{"error": "try again, {AUTH}"}', status=500, headers={"X-Request-Id": "{AUTH}"})
+    for _ in range(3):
+        server.raw(None, headers={"X-Request-Id": "{AUTH}", "X-Echo": "{AUTH}"})
+    state = tmp_path / "out" / "llm_expansion.json"
+    expand_spec(spec, client_for(server, retries=1), state_file=state)
+
+    assert len(server.requests) == 4 and server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("receive_response_headers") for m in messages)  # the transport did log
+    assert any("[redacted API key]" in m for m in messages)
+    for text in messages + [caplog.text, *capsys.readouterr()]:
+        assert KEY not in text and KEY[:7] not in text
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY not in path.read_text(errors="replace")
+    assert not logging.getLogger("httpcore2.http11").filters  # the redaction ends with the request
+
+    # older openai releases log a failed send with its traceback, whose message may hold the key
+    from erasure.prompts.llm import _key_kept_out_of_logs
+
+    caplog.clear()
+    with _key_kept_out_of_logs(KEY):
+        try:
+            raise RuntimeError(f"refused a redirect to http://{KEY}.invalid")
+        except RuntimeError:
+            logging.getLogger("openai._base_client").debug("Encountered Exception", exc_info=True)
+    assert "Encountered Exception" in caplog.text and "RuntimeError" in caplog.text and KEY not in caplog.text
+
+
+def test_user_and_password_in_the_base_url_are_refused_unshown():
+    with pytest.raises(LLMError, match=r"\*\*\*@127\.0\.0\.1:1/v1.*user:password@") as info:
+        make_client("openai", base_url="http://alice:hunter2@127.0.0.1:1/v1", model="m")
+    assert "hunter2" not in str(info.value) and "alice" not in str(info.value)
+
+
+def test_without_the_openai_package_one_line_names_the_extra(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from erasure.cli import main
+
+    import erasure.prompts
+
+    # as in a process without the package: import openai fails, and the module that needs it is not loaded
+    monkeypatch.setitem(sys.modules, "openai", None)
+    monkeypatch.delitem(sys.modules, "erasure.prompts.endpoint", raising=False)
+    monkeypatch.delattr(erasure.prompts, "endpoint", raising=False)
+    with pytest.raises(LLMError, match=r'pip install "erasure\[llm\]"'):
+        make_client("openai", base_url="http://127.0.0.1:1/v1", model="m")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    with pytest.raises(SystemExit) as stop:
+        main(["prompts", "build", str(spec), "--out", str(tmp_path / "out"), "--llm", "openai",
+              "--base-url", "http://127.0.0.1:1/v1", "--llm-model", "m"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("erasure: error: --llm openai needs the openai package") and '"erasure[llm]"' in err
 
 
 def test_make_client_errors(tmp_path):

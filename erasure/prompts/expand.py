@@ -14,6 +14,10 @@ Accepted subconcepts are split into train/test deterministically (a hash of seed
 item), so the splits stay disjoint. Progress is kept in a JSON state file after each step; a rerun
 with the same file reuses the finished steps without asking the LLM again.
 
+A step asks again, up to max_retries times, while the answers yield nothing usable (not a JSON
+array, every item rejected, not a chat completion at all); a request that failed ends the step at
+once, since the client has already retried it with backoff.
+
 The clients live in erasure.prompts.llm; the API key never reaches the state file nor a message:
 an item holding it (an endpoint that echoes the key) is rejected, and every message and example of a
 rejected item passes through the client's redaction.
@@ -29,7 +33,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from erasure.errors import DataError, RecipeError
+from erasure.errors import DataError, LLMAnswerError, RecipeError
 from erasure.prompts.llm import REDACTED, LLMError
 from erasure.prompts.spec import ConceptSpec, mentions, template_fields, validate
 
@@ -41,10 +45,17 @@ _PUNCTUATION = set(" -',.&")
 
 
 def parse_list(text: str) -> list:
-    """The first JSON array in `text` (```json fences and prose around it are allowed)."""
+    """The array under "items" of a JSON object (what a client in json_object mode asks for), else the
+    first JSON array in `text` (```json fences and prose around it are allowed)."""
     if not isinstance(text, str):
         raise ValueError("not a JSON array (the answer is not text)")
     text = re.sub(r"```[A-Za-z]*", "", text)
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and isinstance(whole.get("items"), list):
+        return whole["items"]
     decoder = json.JSONDecoder()
     start = text.find("[")
     tries = 0
@@ -256,15 +267,23 @@ def _describe(client) -> str:
 
 
 def _ask(client, prompt: str, accept, step: str, max_retries: int, state_file: Path | None) -> list[str]:
-    """Ask until an answer yields at least one acceptable item; LLMError after max_retries attempts."""
+    """Ask until an answer yields at least one acceptable item; LLMError after max_retries answers
+    that yield none, or at once when a request fails: the client has retried it already, with the
+    backoff and Retry-After waits that asking again straight away would ignore."""
     redact = _redactor(client)
     problem = "no attempt made"
+    kept = (f"; steps finished so far are kept in {state_file} and a rerun asks only for the rest"
+            if state_file is not None else "")
     for attempt in range(1, max_retries + 1):
         try:
             answer = client.complete(prompt)
-        except LLMError as e:
+        except LLMAnswerError as e:
             problem = redact(e.problem)
             continue
+        except LLMError as e:
+            problem = redact(e.problem)
+            raise LLMError(redact(f"LLM expansion via {_describe(client)} failed at {step}: {problem}{kept}"),
+                           problem) from None
         try:
             items = parse_list(redact(answer))
         except ValueError as e:
@@ -275,8 +294,6 @@ def _ask(client, prompt: str, accept, step: str, max_retries: int, state_file: P
         if accepted:
             return accepted
         problem = tally.summary(len(items))
-    kept = (f"; steps finished so far are kept in {state_file} and a rerun asks only for the rest"
-            if state_file is not None else "")
     raise LLMError(redact(f"LLM expansion via {_describe(client)} failed at {step}: nothing usable after "
                           f"{max_retries} attempt{'s' if max_retries != 1 else ''}; last problem: {problem}{kept}"),
                    problem)

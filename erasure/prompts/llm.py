@@ -1,34 +1,40 @@
 """Clients for the LLM that proposes subconcepts: any OpenAI-compatible chat endpoint, or a local
 transformers causal LM.
 
-`OpenAIChat` speaks HTTP with the standard library; the API key is read from the environment at
-request time and is never logged, printed, put into an exception message or stored: it is sent only
-to the endpoint's own origin (a redirect elsewhere is refused), and where an endpoint echoes it,
-messages and answers carry REDACTED instead. `timeout` bounds the whole request, not each socket
-read. `LocalLM` loads a folder with local files only and never with remote code. Both answer
+`OpenAIChat` asks through the openai package (the `erasure[llm]` extra). A failed request (HTTP
+408, 409, 429 or 5xx, a timeout, a lost connection) is retried `retries` times with the package's
+exponential backoff and jitter, which waits as long as a Retry-After (or retry-after-ms) header
+asks, up to 2 minutes; a longer one ends the request. `timeout` bounds each attempt as a whole —
+connect, send, every read and every redirect — not each socket read (erasure.prompts.endpoint). With
+`json_object` the request asks for a JSON object (response_format) holding the array; an endpoint
+that refuses response_format with a 400 or 422 is asked in plain text from then on.
+
+The API key is read from the environment for each call and is never logged, printed, put into an
+exception message or stored: the openai package never holds it, and erasure.prompts.endpoint adds it
+only to requests to the endpoint's own origin (a redirect elsewhere is refused). Where an endpoint
+echoes it, messages, answers and the log records of openai, httpx2 and httpcore2 carry REDACTED
+instead. `LocalLM` loads a folder with local files only and never with remote code. Both answer
 `complete(prompt) -> str`; what they return is untrusted text, which erasure.prompts.expand parses
 and filters.
 """
 
 from __future__ import annotations
 
-import functools
-import http.client
-import io
+import contextlib
 import json
+import logging
 import os
 import re
-import socket
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
-from erasure.errors import LLMError
+from erasure.errors import LLMAnswerError, LLMError
 
-SYSTEM_PROMPT = ("You help build diverse, harmless text prompts for evaluating concept erasure in "
-                 "text-to-image models. You answer with a JSON array of short strings and nothing else.")
+_TASK = "You help build diverse, harmless text prompts for evaluating concept erasure in text-to-image models."
+SYSTEM_PROMPT = _TASK + " You answer with a JSON array of short strings and nothing else."
+# json_object mode: the endpoint only lets the model write a JSON object, so the array goes in one
+SYSTEM_PROMPT_JSON_OBJECT = (_TASK + ' You answer with a JSON object whose one key, "items", holds a JSON array '
+                             "of short strings, and nothing else.")
 MAX_RESPONSE_BYTES = 1 << 20  # an answer is a short list; anything bigger is not one
 MAX_ERROR_BYTES = 1000  # of an error body, for the message (which shows 200 characters of it)
 REDACTED = "[redacted API key]"  # what stands for the key wherever an endpoint echoed it
@@ -88,146 +94,88 @@ def _show_origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
-# --- one request, one deadline ------------------------------------------------------------------------
-# urllib's `timeout` bounds each socket operation, so a server that trickles its answer can hold a
-# request indefinitely. These classes give every connect, send and read only the time left before a
-# single monotonic deadline for the whole request (redirects included).
+class _RedactKey(logging.Filter):
+    """Replaces the key in a log record's message and traceback (an endpoint may echo it in a header,
+    a reason or a redirect, which the transport logs)."""
 
-class _Deadline:
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.at = time.monotonic() + seconds
+    def __init__(self, secret: str):
+        super().__init__()
+        self.secret = secret
 
-    def left(self) -> float:
-        """Seconds left; socket.timeout when there are none."""
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise socket.timeout(f"timed out after {self.seconds:g} s")
-        return left
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The socket's own raw reader (which keeps its reference counting), each read given the time left."""
-
-    def __init__(self, raw, sock, deadline: _Deadline):
-        self.raw, self.sock, self.deadline = raw, sock, deadline
-
-    def readable(self) -> bool:
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _redact(message, self.secret)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:  # handlers print exc_text when it is set
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _redact(record.exc_text, self.secret)
         return True
 
-    def readinto(self, buffer) -> int | None:
-        self.sock.settimeout(self.deadline.left())
-        return self.raw.readinto(buffer)
 
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
-
-
-class _DeadlineSocket:
-    """A connected socket as http.client uses it (sendall, makefile, close), bounded by the deadline."""
-
-    def __init__(self, sock, deadline: _Deadline):
-        self._sock, self._deadline = sock, deadline
-
-    def sendall(self, data) -> None:
-        self._sock.settimeout(self._deadline.left())  # since Python 3.5 the timeout bounds the whole sendall
-        self._sock.sendall(data)
-
-    def makefile(self, mode: str = "rb", *args, **kwargs):
-        # http.client reads the status line, the headers and the body through this file
-        return io.BufferedReader(_DeadlineReader(self._sock.makefile("rb", buffering=0), self._sock,
-                                                 self._deadline))
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
+@contextlib.contextmanager
+def _key_kept_out_of_logs(secret: str | None):
+    """While the request runs, the loggers of openai, httpx2 and httpcore2 (whose debug records show
+    response headers) write REDACTED for the key. A logger's filter sees only the records made on that
+    logger, so each of theirs gets one."""
+    if not secret:
+        yield
+        return
+    families = ("openai", "httpx2", "httpcore2")
+    loggers = [logging.getLogger(name) for name in families]
+    loggers += [logger for name, logger in list(logging.Logger.manager.loggerDict.items())
+                if isinstance(logger, logging.Logger) and name.split(".")[0] in families]
+    redaction = _RedactKey(secret)
+    for logger in loggers:
+        logger.addFilter(redaction)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(redaction)
 
 
-class _DeadlineConnection:
-    """Mixin for an http.client connection: connect within the time left (the TCP connect and a TLS
-    handshake are each bounded by what is left when connecting starts), then send and read through a
-    _DeadlineSocket."""
-
-    def __init__(self, *args, deadline: _Deadline, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
-
-    def connect(self) -> None:
-        self.timeout = self.deadline.left()
-        super().connect()
-        self.sock = _DeadlineSocket(self.sock, self.deadline)
+def _refuses_json_object(response) -> bool:
+    """Whether an error answer says the endpoint does not take response_format json_object."""
+    return response.status_code in (400, 422) and any(word in response.content
+                                                      for word in (b"response_format", b"json_object"))
 
 
-class _HTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
-    pass
+def _endpoint_module():
+    """erasure.prompts.endpoint, which needs the openai package (and the httpx2 and httpcore2 it
+    installs); an LLMError that names the extra where they are missing."""
+    try:
+        from erasure.prompts import endpoint
+    except ImportError as e:
+        raise LLMError(f"--llm openai needs the openai package ({e.name or 'part of it'} is not installed): "
+                       'pip install "erasure[llm]"') from None
+    return endpoint
 
 
-class _DeadlineHandler:
-    """Mixin for urllib's HTTP(S) handler: open connections of `connection` bound to `deadline`."""
-
-    connection: type
-
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self.deadline = deadline
-
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(functools.partial(self.connection, deadline=self.deadline), req, **kwargs)
-
-
-class _HTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
-    connection = _HTTPConnection
-
-
-_handlers = [_HTTPHandler]
-if hasattr(http.client, "HTTPSConnection") and hasattr(urllib.request, "HTTPSHandler"):  # Python built with ssl
-    class _HTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
-        pass
-
-    class _HTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
-        connection = _HTTPSConnection
-
-    _handlers.append(_HTTPSHandler)
-
-
-class _RedirectRefused(Exception):
-    """A redirect the client does not follow; the message says why, naming only the target's origin."""
-
-
-class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only within the endpoint's origin and only if it keeps the POST and its body
-    (307, 308); urllib's own handler re-sends the Authorization header to any host it is sent to."""
-
-    max_repeats = 1
-    max_redirections = 3
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if _origin(newurl) != _origin(req.full_url):
-            fp.close()
-            raise _RedirectRefused(
-                f"refused a redirect (HTTP {code}) to another origin, {_show_origin(newurl)}: the API key is "
-                f"only sent to {_show_origin(req.full_url)}; set the base URL to the server that answers")
-        if code not in (307, 308):
-            fp.close()
-            raise _RedirectRefused(
-                f"refused a redirect (HTTP {code}) to {_display_url(newurl)}: it would turn the POST into a "
-                "GET without the request; set the base URL to the address that answers")
-        return urllib.request.Request(newurl, data=req.data, headers=dict(req.headers), method=req.get_method(),
-                                      origin_req_host=req.origin_req_host, unverifiable=True)
+# The openai package insists on a key and would otherwise read OPENAI_API_KEY itself; what it puts in
+# the Authorization header is replaced by erasure.prompts.endpoint with the key of --api-key-env.
+_KEY_FOR_THE_SDK = "set-per-request-by-erasure"
 
 
 class OpenAIChat:
-    """Any OpenAI-compatible chat endpoint: POST {base_url}/chat/completions."""
+    """Any OpenAI-compatible chat endpoint: POST {base_url}/chat/completions, through the openai package."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 60.0, temperature: float = 1.0):
+                 timeout: float = 60.0, temperature: float = 1.0, retries: int = 2, json_object: bool = True):
         if not isinstance(base_url, str) or not re.match(r"https?://", base_url):
             raise LLMError(f"LLM base_url must be an http:// or https:// URL, e.g. http://localhost:8000/v1 "
-                             f"(got {_display_url(str(base_url))!r})")
+                           f"(got {_display_url(str(base_url))!r})")
+        if "@" in urllib.parse.urlsplit(base_url).netloc:
+            raise LLMError(f"LLM base_url {_display_url(base_url)!r} holds user:password@; leave it out and put "
+                           f"the API key in the variable --api-key-env names ({api_key_env})")
         if not model:
             raise LLMError("an OpenAI-compatible endpoint needs a model name")
         if not timeout or timeout <= 0:
             raise LLMError(f"LLM timeout must be a positive number of seconds (got {timeout!r})")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise LLMError(f"LLM retries must be a whole number, 0 or more (got {retries!r})")
+        _endpoint_module()  # fails now, in one line, where the openai package is missing
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.endpoint = _display_url(self.url)
@@ -235,6 +183,9 @@ class OpenAIChat:
         self.api_key_env = api_key_env  # the variable's name; its value is read per request, never stored
         self.timeout = float(timeout)
         self.temperature = float(temperature)
+        self.retries = retries
+        self.json_object = bool(json_object)
+        self.json_object_refused = False  # set once the endpoint has refused response_format
 
     def __repr__(self) -> str:
         return f"OpenAIChat(endpoint={self.endpoint!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -250,60 +201,84 @@ class OpenAIChat:
         that show or keep what came from the endpoint."""
         return _redact(text, self._key())
 
+    def _create(self, client, prompt: str):
+        """One chat completion, its HTTP answer unparsed (erasure reads the body itself)."""
+        json_object = self.json_object and not self.json_object_refused
+        messages = [{"role": "system", "content": SYSTEM_PROMPT_JSON_OBJECT if json_object else SYSTEM_PROMPT},
+                    {"role": "user", "content": prompt}]
+        extra = {"response_format": {"type": "json_object"}} if json_object else {}
+        return client.chat.completions.with_raw_response.create(model=self.model, messages=messages,
+                                                                temperature=self.temperature, **extra)
+
     def complete(self, prompt: str) -> str:
-        """The answer's text, with the key replaced by REDACTED if the endpoint echoed it."""
+        """The answer's text, with the key replaced by REDACTED if the endpoint echoed it. LLMError
+        once the request has failed `retries` + 1 times; LLMAnswerError for an answer that is not a
+        chat completion (asking again may help)."""
+        import openai
+
+        endpoint = _endpoint_module()
         key = self._key()
-        body = json.dumps({"model": self.model, "temperature": self.temperature,
-                           "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                        {"role": "user", "content": prompt}]}).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
 
-        def fail(problem: str) -> LLMError:
+        def fail(problem: str, error: type[LLMError] = LLMError) -> LLMError:
             problem = _redact(" ".join(problem.split()), key)
-            return LLMError(_redact(f"{self.describe()}: {problem}", key), problem)
+            return error(_redact(f"{self.describe()}: {problem}", key), problem)
 
-        deadline = _Deadline(self.timeout)
-        opener = urllib.request.build_opener(_SameOriginRedirects, *(handler(deadline) for handler in _handlers))
         try:
-            with opener.open(request, timeout=self.timeout) as response:
-                raw = response.read(MAX_RESPONSE_BYTES + 1)
-        except _RedirectRefused as e:
+            http = endpoint.EndpointClient(self.base_url, key, self.timeout)
+        except endpoint.Refused as e:
             raise fail(str(e)) from None
-        except urllib.error.HTTPError as e:
+        client = openai.OpenAI(api_key=_KEY_FOR_THE_SDK, base_url=self.base_url, timeout=self.timeout,
+                               max_retries=self.retries, http_client=http)
+        with client, _key_kept_out_of_logs(key):
             try:
-                body = e.read(MAX_ERROR_BYTES)
-                detail = body.decode("utf-8", "replace")
-                if len(body) == MAX_ERROR_BYTES:
-                    detail = _drop_cut_secret(detail, key)
-            except Exception:
-                detail = ""
-            # redacted before it is cut short, so that the cut cannot leave part of the key
-            detail = " ".join(_redact(detail, key).split())
-            raise fail(f"HTTP {e.code} {e.reason}" + (f": {detail[:200]}" if detail else "")) from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise fail(f"timed out after {self.timeout:g} s") from None
-            raise fail(f"cannot reach the endpoint: {e.reason}") from None
-        except (TimeoutError, socket.timeout):
-            raise fail(f"timed out after {self.timeout:g} s") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise fail(f"connection failed: {type(e).__name__}: {e}") from None
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise fail(f"response larger than {MAX_RESPONSE_BYTES} bytes")
+                try:
+                    raw = self._create(client, prompt)
+                except openai.APIStatusError as e:
+                    if not (self.json_object and not self.json_object_refused and _refuses_json_object(e.response)):
+                        raise
+                    self.json_object_refused = True  # for the rest of this client's life
+                    raw = self._create(client, prompt)
+                body = raw.http_response.content
+            except endpoint.Refused as e:
+                raise fail(str(e)) from None
+            except openai.APIStatusError as e:
+                raise fail(self._status_problem(e.response, key) + _attempts(http.attempts)) from None
+            except openai.APITimeoutError:
+                raise fail(f"timed out after {self.timeout:g} s" + _attempts(http.attempts)) from None
+            except openai.APIConnectionError as e:
+                cause = e.__cause__ or e
+                raise fail(f"cannot reach the endpoint: {type(cause).__name__}: {cause}"
+                           + _attempts(http.attempts)) from None
+            except openai.OpenAIError as e:
+                raise fail(f"{type(e).__name__}: {e}") from None
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise fail("response body is not JSON") from None
+            raise fail("response body is not JSON", LLMAnswerError) from None
         try:
             content = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise fail("response has no choices[0].message.content") from None
+            raise fail("response has no choices[0].message.content", LLMAnswerError) from None
         if not isinstance(content, str):
-            raise fail("response's choices[0].message.content is not text")
+            raise fail("response's choices[0].message.content is not text", LLMAnswerError)
         return _redact(content, key)
+
+    @staticmethod
+    def _status_problem(response, key: str | None) -> str:
+        """HTTP status, reason and the start of the error body, the key redacted before the cut (so
+        that the cut cannot leave part of it)."""
+        body = response.content[:MAX_ERROR_BYTES]
+        detail = body.decode("utf-8", "replace")
+        if len(response.content) > MAX_ERROR_BYTES:
+            detail = _drop_cut_secret(detail, key)
+        detail = " ".join(_redact(detail, key).split())
+        problem = f"HTTP {response.status_code} {response.reason_phrase}" + (f": {detail[:200]}" if detail else "")
+        wait = response.headers.get("retry-after")
+        return problem + (f" (Retry-After: {_redact(wait, key)[:40]})" if wait else "")
+
+
+def _attempts(n: int) -> str:
+    return f" ({n} attempts)" if n > 1 else ""
 
 
 class LocalLM:
@@ -384,7 +359,8 @@ class LocalLM:
 
 
 def make_client(llm: str, base_url: str | None = None, model: str | None = None,
-                api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0):
+                api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 2,
+                json_object: bool = True):
     """llm = 'openai' (needs base_url and model) or 'local:PATH'. Clear ValueError otherwise."""
     if llm == "openai":
         missing = [name for name, value in (("base_url (--base-url)", base_url), ("model (--llm-model)", model))
@@ -392,7 +368,8 @@ def make_client(llm: str, base_url: str | None = None, model: str | None = None,
         if missing:
             raise LLMError(f"--llm openai needs {' and '.join(missing)}, e.g. --base-url "
                              "http://localhost:8000/v1 --llm-model NAME")
-        return OpenAIChat(base_url, model, api_key_env=api_key_env, timeout=timeout)
+        return OpenAIChat(base_url, model, api_key_env=api_key_env, timeout=timeout, retries=retries,
+                          json_object=json_object)
     if isinstance(llm, str) and llm.startswith("local:"):
         path = llm[len("local:"):]
         if not path:
