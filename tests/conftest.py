@@ -78,3 +78,18 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def configs_only(folder: Path, to: Path) -> Path:
+    """A pipeline folder without its weights: as `config` of from_single_file it gives only configs and
+    tokenizers, so every weight of the loaded pipeline comes from the single file."""
+    import shutil
+
+    return Path(shutil.copytree(folder, to, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")))
+
+
+def assert_same_weights(a, b, components=("unet", "vae", "text_encoder")) -> None:
+    for name in components:
+        x, y = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert x.keys() == y.keys(), name
+        assert all(torch.equal(x[k], y[k]) for k in x), name
