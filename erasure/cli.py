@@ -296,14 +296,14 @@ def build_parser() -> Parser:
     generate = data_commands.add_parser("generate", help="render DIR/forget and DIR/retain image folders")
     generate.add_argument("--prompts", required=True, help="a train.jsonl or test.jsonl from `erasure prompts build` (forget_prompt / "
                           "retain_prompt per line; class names for a class-conditional model such as DiT)")
-    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:class-unet / tiny:uncond, world:micro / world:class / world:uncond")
+    generate.add_argument("--model", required=True, help="the base pipeline: hub id, folder, tiny:sd1 / tiny:sdxl / tiny:sd3 / tiny:flux / tiny:dit / tiny:class-unet / tiny:uncond, world:micro / world:class / world:uncond")
     generate.add_argument("--out", required=True)
     generate.add_argument("--steps", type=int,
-                          help="sampler steps (default: the model's own sampler: a micro world's 20, SD's and DiT's "
-                          "50, DDPM's 1000)")
+                          help="sampler steps (default: the model's own sampler: a micro world's 20, SD 1.x's, SDXL's "
+                          "and DiT's 50, SD3's and FLUX's 28, DDPM's 1000)")
     generate.add_argument("--guidance", type=float,
-                          help="guidance scale (default: the model's own: a micro world's 3, SD's 7.5, DiT's 4; DDPM "
-                          "has none: 1)")
+                          help="guidance scale (default: the model's own: a micro world's 3, SD 1.x's 7.5, SDXL's 5, "
+                          "SD3's 7, FLUX's distilled 3.5, DiT's 4; DDPM has none: 1)")
     generate.add_argument("--size", type=int, help="image size; default: the model's native size")
     generate.add_argument("--batch-size", type=int, default=4)
     generate.add_argument("--seed", type=int, default=0)
@@ -348,7 +348,7 @@ def build_parser() -> Parser:
     push.set_defaults(run=_push)
 
     tiny = commands.add_parser("tiny", help="write a tiny random pipeline for tests and demos")
-    tiny.add_argument("family", choices=["sd1", "sd1-v", "sd3", "dit", "class-unet", "uncond"])  # erasure.tiny.TINY_BUILDERS (imports torch)
+    tiny.add_argument("family", choices=["sd1", "sd1-v", "sdxl", "sd3", "flux", "dit", "class-unet", "uncond"])  # erasure.tiny.TINY_BUILDERS (imports torch)
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny)

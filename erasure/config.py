@@ -60,7 +60,7 @@ def _help(text: str, **extra) -> dict:
 class TrainConfig:
     # What to erase, from what.
     model: str = field(default="", metadata=_help(
-        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sd3 / tiny:dit / tiny:class-unet / tiny:uncond (built "
+        "Base pipeline: a hub id, a local folder, tiny:sd1 / tiny:sdxl / tiny:sd3 / tiny:flux / tiny:dit / tiny:class-unet / tiny:uncond (built "
         "on first use) or a shipped micro world: world:micro (text), world:class (a DiT whose class is the shape), "
         "world:uncond (unconditional DDPM)."))
     revision: str | None = field(default=None, metadata=_help("Hub revision of the base model."))
@@ -74,7 +74,7 @@ class TrainConfig:
     lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha; default: the rank."))
     use_t5: bool = field(default=True, metadata=_help(
         "SD3: condition on T5 as well as the CLIP encoders. false trains without loading T5; the "
-        "export still carries the base model's T5."))
+        "export still carries the base model's T5. FLUX needs T5 (its text sequence)."))
 
     # Data.
     forget_data: str | None = field(default=None, metadata=_help(
@@ -264,7 +264,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_types(self)
         if not self.model:
-            raise RecipeError("model: required (a hub id, a local pipeline folder, tiny:sd1 or tiny:sd3)")
+            raise RecipeError("model: required (a hub id, a local pipeline folder, tiny:sd1, tiny:sdxl or tiny:sd3)")
         if not self.method:
             raise RecipeError("method: required, one of " + ", ".join(METHODS))
         self.method = self.method.lower()

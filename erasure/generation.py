@@ -37,7 +37,9 @@ def denoiser(pipe):
 def native_size(pipe) -> int:
     from erasure.backbones.base import latent_scale
 
-    side = denoiser(pipe).config.sample_size
+    # FLUX's transformer has no sample_size: FluxPipeline draws at its default_sample_size (128
+    # latent pixels, 1024 px) unless told otherwise.
+    side = getattr(denoiser(pipe).config, "sample_size", None) or pipe.default_sample_size
     return (side if isinstance(side, int) else side[0]) * latent_scale(pipe)
 
 
@@ -65,7 +67,10 @@ def initial_noise(pipe, seeds: list[int], size: int) -> torch.Tensor:
     """One latent per seed, each from its own CPU generator."""
     from erasure.backbones.base import latent_scale
 
-    channels, side = denoiser(pipe).config.in_channels, size // latent_scale(pipe)
+    # the VAE's latent channels (the denoiser's input channels, except FLUX's, which packs 2×2 of them)
+    vae = getattr(pipe, "vae", None)
+    channels = vae.config.latent_channels if vae is not None else denoiser(pipe).config.in_channels
+    side = size // latent_scale(pipe)
     return torch.stack([torch.randn(channels, side, side, generator=torch.Generator("cpu").manual_seed(int(s)))
                         for s in seeds])
 
@@ -94,6 +99,8 @@ def sampler_arguments(pipe, prompts: list[str], seeds: list[int], *, steps: int,
         return dict(batch_size=len(seeds), generator=generators, **common)  # prompts mean nothing to it
     model = denoiser(pipe)
     latents = initial_noise(pipe, seeds, size).to(model.device, model.dtype)
+    if kind == "FluxPipeline":  # it takes its latents packed, 2×2 patches as tokens
+        latents = pipe._pack_latents(latents, *latents.shape)
     return dict(prompt=list(prompts), guidance_scale=guidance, height=size, width=size, latents=latents, **common)
 
 

@@ -21,14 +21,15 @@ from erasure.errors import OutputError
 
 CARD_JSON = "erasure.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-KOHYA_LORA = "lora_kohya.safetensors"  # the same adapter in kohya-ss's layout (SD 1.x)
+KOHYA_LORA = "lora_kohya.safetensors"  # the same adapter in kohya-ss's layout
+KOHYA_FAMILIES = ("sd1", "sdxl")  # the UNet families whose LoRA exports write it (backbones.base.save_kohya_lora)
 SINGLE_FILE = "single_file.safetensors"  # the whole pipeline in its original layout (erasure.single_file)
 # What a run leaves beside the pipeline for the training machine only (erasure.trainer.RUN_FILES and
 # the checkpoints): never uploaded.
 NOT_PUBLISHED = ("checkpoints", "logs", "monitor")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # The Hub's task of each family; a class-conditional model (DiT) has no task of its own there.
-FAMILY_PIPELINE_TAG = {"sd1": "text-to-image", "sd3": "text-to-image", "ddpm": "unconditional-image-generation"}
+FAMILY_PIPELINE_TAG = {"sd1": "text-to-image", "sdxl": "text-to-image", "sd3": "text-to-image", "flux": "text-to-image", "ddpm": "unconditional-image-generation"}
 
 
 def hub_base_model(model: str, depth: int = 3) -> str | None:
@@ -116,7 +117,7 @@ def model_card(record: dict, repo_id: str | None = None, report: dict | None = N
     lora = (f"\nThe LoRA adapter alone is in `{LORA_WEIGHTS}`; apply it to the base model with "
             f"`pipe.load_lora_weights(\"{where}\")`."
             + (f" The same adapter in kohya's layout, for A1111 and ComfyUI, is `{KOHYA_LORA}`."
-               if family == "sd1" else "") + "\n") if config["scope"] == "lora" else ""
+               if family in KOHYA_FAMILIES else "") + "\n") if config["scope"] == "lora" else ""
     single, single_text = record.get("single_file"), ""
     if single:  # erasure.export wrote the whole pipeline in its original layout at the top level
         file = f"https://huggingface.co/{repo_id}/blob/main/{single['file']}" if repo_id else \

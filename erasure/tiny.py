@@ -1,4 +1,4 @@
-"""Tiny SD 1.x, SD3, DiT and unconditional DDPM pipelines built from config, for tests and the demo.
+"""Tiny SD 1.x, SDXL, SD3, FLUX, DiT and unconditional DDPM pipelines built from config, for tests and the demo.
 
 No weights can be downloaded here, so these fixtures are built in-process in seconds: the same
 diffusers and transformers classes as the real models, at a few hundred thousand parameters, with
@@ -200,6 +200,50 @@ def build_tiny_sd1(out_dir: str | Path, seed: int = 0, prediction_type: str = "e
     return Path(out_dir)
 
 
+def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusionXLPipeline: two CLIP encoders, pooled text and size micro-conditioning,
+    SDXL base's Euler scheduler; the second level has two transformer layers, as SDXL's deeper ones."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    time_embed_dim, pooled_dim = 8, 32
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,  # the two encoders' hidden states side by side (32 + 32)
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # six size numbers, each embedded in time_embed_dim, beside the pooled text (2816 in SDXL base)
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+        norm_num_groups=8,
+    )
+    # SDXL base's scheduler config: SD's noise schedule, Euler sampling, "leading" spacing.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    tokenizer_2 = clip_tokenizer()
+    tokenizer_2.pad_token = "!"  # the second (OpenCLIP) encoder pads with "!" (id 0), as in SDXL
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=_tiny_vae(scaling_factor=0.13025),
+        text_encoder=_tiny_clip(with_projection=False),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_clip(with_projection=True, projection=pooled_dim),
+        tokenizer_2=tokenizer_2,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
 def build_tiny_sd3(out_dir: str | Path, seed: int = 0, t5: bool = True) -> Path:
     """A tiny StableDiffusion3Pipeline (flow matching), with or without its T5 encoder."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -249,6 +293,47 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0, t5: bool = True) -> Path:
         tokenizer_2=clip_tokenizer(),
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny FluxPipeline in the layout of FLUX.1 [dev]: double- and single-stream blocks, a guidance
+    embedding, CLIP (pooled) and T5 (the sequence), 2×2-packed latents, dynamic shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    latent_channels, text_dim = 4, 32
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # a 2×2 patch of latents per token
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),  # rotary dimensions per position axis; they sum to the head's
+    )
+    tokenizer_2 = t5_tokenizer(max_length=512)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=text_dim, d_kv=8, d_ff=64,
+                                             num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    # FLUX.1 [dev]'s scheduler config: the shift grows with the image's token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_tiny_vae(latent_channels=latent_channels, shift_factor=0.1159, scaling_factor=0.3611,
+                      use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_tiny_clip(with_projection=False),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
@@ -353,7 +438,9 @@ def build_tiny_uncond(out_dir: str | Path, seed: int = 0) -> Path:
 TINY_BUILDERS = {
     "sd1": build_tiny_sd1,
     "sd1-v": lambda out, seed=0: build_tiny_sd1(out, seed, prediction_type="v_prediction"),
+    "sdxl": build_tiny_sdxl,
     "sd3": build_tiny_sd3,
+    "flux": build_tiny_flux,
     "dit": build_tiny_dit,
     "class-unet": build_tiny_class_unet,
     "uncond": build_tiny_uncond,

@@ -1,5 +1,6 @@
 """Tiny real pipelines, built once per session; nothing here reaches the network."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub library is imported
@@ -12,6 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
+TEXT_FAMILIES = ["sd1", "sdxl", "sd3", "flux"]  # the text-to-image tiny fixtures every method runs on
 
 # A ~1.6M-parameter open_clip model (real BPE tokenizer), randomly initialised in the tests.
 TINY_CLIP_CONFIG = {
@@ -37,6 +39,13 @@ def tiny_sd1(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from erasure.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     from erasure.tiny import build_tiny_sd3
 
@@ -44,8 +53,15 @@ def tiny_sd3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tiny_sd1, tiny_sd3):
-    return {"sd1": tiny_sd1, "sd3": tiny_sd3}
+def tiny_flux(tmp_path_factory):
+    from erasure.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_sd1, tiny_sdxl, tiny_sd3, tiny_flux):
+    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +82,10 @@ def run_recipe(recipe: str, **overrides):
     from erasure.trainer import train
 
     argv = ["--recipe", str(RECIPES / recipe)]
+    model = Path(str(overrides.get("model", "")))
+    if (model / "model_index.json").is_file() and "resolution" not in overrides and \
+            json.loads((model / "model_index.json").read_text())["_class_name"] == "FluxPipeline":
+        overrides["resolution"] = 32  # the tiny fixtures' size; FluxPipeline's own default is 1024 px
     for key, value in overrides.items():
         argv += [f"--{key}", str(value)]
     return train(parse_config(argv))

@@ -39,3 +39,56 @@ def test_flow_matching_interpolates_and_samples_logit_normal(backbones):
 
 def test_sd1_reads_the_prediction_type_from_the_scheduler(backbones):
     assert backbones["eps"].prediction_type == "epsilon" and backbones["v"].prediction_type == "v_prediction"
+
+
+def test_sdxl_conditions_the_unet_as_its_sampler_does(tiny_sdxl):
+    """The backbone's prediction for "" and a prompt is the UNet output StableDiffusionXLPipeline gets
+    in its own guided step: the same embeddings, pooled text, zeros for the unconditional half and
+    size numbers."""
+    backbone = load_backbone(tiny_sdxl)
+    seen = {}
+
+    def keep(module, args, kwargs, output):
+        seen.update(x=args[0], t=args[1], out=output[0])  # the pipeline calls it with return_dict=False
+
+    handle = backbone.denoiser.register_forward_hook(keep, with_kwargs=True)
+    backbone.pipe("a striped cat", num_inference_steps=1, guidance_scale=5.0, height=32, width=32,
+                  output_type="latent", generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    cond = backbone.encode_prompts(["", "a striped cat"], "cpu")
+    assert not cond["encoder_hidden_states"][0].any() and not cond["text_embeds"][0].any()
+    t = seen["t"].expand(2) if seen["t"].ndim else seen["t"].repeat(2)
+    pred = backbone.predict(backbone.denoiser, seen["x"], t, cond)
+    assert torch.allclose(pred, seen["out"], atol=1e-5)
+
+
+def test_flux_packs_and_conditions_as_its_sampler_does(tiny_flux):
+    """The backbone's velocity for (B, C, h, w) latents is the transformer output FluxPipeline gets in
+    its own step, unpacked: the same 2×2 packing, position ids, s = t / 1000, guidance embedding."""
+    from diffusers import FluxPipeline
+
+    backbone = load_backbone(tiny_flux)
+    seen = {}
+
+    def keep(module, args, kwargs, output):
+        seen.update(kwargs=kwargs, out=output[0])
+
+    handle = backbone.denoiser.register_forward_hook(keep, with_kwargs=True)
+    backbone.pipe("a striped cat", num_inference_steps=1, guidance_scale=3.5, height=32, width=32,
+                  output_type="latent", generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    scale = backbone.latent_scale
+    x_t = FluxPipeline._unpack_latents(seen["kwargs"]["hidden_states"], 32, 32, scale)
+    assert x_t.shape == (1, 4, 16, 16)
+    pred = backbone.predict(backbone.denoiser, x_t, seen["kwargs"]["timestep"] * 1000,
+                            backbone.encode_prompts(["a striped cat"], "cpu"))
+    assert torch.equal(pred, FluxPipeline._unpack_latents(seen["out"], 32, 32, scale))
+
+
+def test_flux_esd_samples_on_the_pipelines_own_timesteps(tiny_flux):
+    """FLUX shifts its timesteps by the image's token count; ESD's partial trajectories use the same."""
+    backbone = load_backbone(tiny_flux)
+    pipe = backbone.pipe
+    pipe("a cat", num_inference_steps=6, height=32, width=32, output_type="latent")
+    ours = backbone.sampling_scheduler(6, torch.zeros(1, 4, 16, 16))
+    assert torch.allclose(ours.timesteps, pipe.scheduler.timesteps)

@@ -6,9 +6,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-from conftest import assert_same_weights, configs_only, read_weights, run_recipe
+from conftest import TEXT_FAMILIES, assert_same_weights, configs_only, read_weights, run_recipe
 from erasure.export import check_output_dir, export_pipeline
 from erasure.hub import SINGLE_FILE
+
+SINGLE_FILE_FAMILIES = ("sd1",)  # those export_single_file writes (erasure.single_file)
 
 
 def generate(pipe, prompt="a photo of a person on a beach"):
@@ -16,10 +18,10 @@ def generate(pipe, prompt="a photo of a person on a beach"):
                 generator=torch.Generator().manual_seed(0)).images
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_export_loads_with_no_extra_arguments_and_generates(family, tiny_models, tmp_path):
     out = run_recipe("tiny/rgd.yaml", model=tiny_models[family], output_dir=tmp_path / "out", max_steps=2,
-                     export_single_file=family == "sd1")
+                     export_single_file=family in SINGLE_FILE_FAMILIES)
     pipe = DiffusionPipeline.from_pretrained(out)
     images = generate(pipe)
     assert images.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(images)).all()
@@ -29,11 +31,11 @@ def test_export_loads_with_no_extra_arguments_and_generates(family, tiny_models,
     assert card["final_losses"]["forget"] is not None and card["config"]["learning_rate"] == 1e-4
     assert "rgd" in (out / "README.md").read_text().lower()
     assert not list(out.glob("**/*.bin")) and not list(out.parent.glob(".out.*"))
-    if family == "sd1":  # the original-layout file loads back as the folder (offline: a local `config`)
+    if family in SINGLE_FILE_FAMILIES:  # the original-layout file loads back as the folder
         single = type(pipe).from_single_file(str(out / SINGLE_FILE), config=str(configs_only(out, tmp_path / "c")))
         assert_same_weights(single, pipe)
         assert abs(generate(single) - images).max() <= 1e-6  # same weights, seed and steps (measured: 0)
-        assert card["single_file"] == {"file": SINGLE_FILE, "pipeline": "StableDiffusionPipeline"}
+        assert card["single_file"] == {"file": SINGLE_FILE, "pipeline": type(pipe).__name__}
         assert f'from_single_file("path/to/this/folder/{SINGLE_FILE}"' in (out / "README.md").read_text()
 
 
@@ -46,12 +48,12 @@ def test_sd3_trained_without_t5_exports_a_complete_pipeline(tiny_sd3, tmp_path):
     assert generate(pipe).shape == (1, 32, 32, 3)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
     base = tiny_models[family]
     # alpha ≠ rank: the adapter file must carry its alpha, or diffusers reloads it at alpha = rank
     out = run_recipe("tiny/rgd.yaml", model=base, output_dir=tmp_path / "out", max_steps=2, scope="lora",
-                     learning_rate=1e-2, lora_rank=4, lora_alpha=16, export_single_file=family == "sd1")
+                     learning_rate=1e-2, lora_rank=4, lora_alpha=16, export_single_file=family in SINGLE_FILE_FAMILIES)
     erased = DiffusionPipeline.from_pretrained(out)  # LoRA fused into the exported weights
     with_adapter = DiffusionPipeline.from_pretrained(base)
     with_adapter.load_lora_weights(out)
@@ -59,7 +61,7 @@ def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
     a, b, c = generate(erased), generate(with_adapter), generate(plain)
     assert abs(a - b).max() < 1e-4  # base + adapter == the fused export
     assert abs(a - c).max() > 1e-4  # and the adapter did change the model
-    if family == "sd1":  # the same adapter in kohya's layout (A1111, ComfyUI), with its alpha
+    if family in ("sd1", "sdxl"):  # the same adapter in kohya's layout (A1111, ComfyUI), with its alpha
         from safetensors.torch import load_file
 
         kohya = load_file(out / "lora_kohya.safetensors")
@@ -68,7 +70,7 @@ def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
         with_kohya = DiffusionPipeline.from_pretrained(base)
         with_kohya.load_lora_weights(out, weight_name="lora_kohya.safetensors")
         assert abs(a - generate(with_kohya)).max() < 1e-4
-        # the single file holds the fused model, as the folder does
+    if family in SINGLE_FILE_FAMILIES:  # the single file holds the fused model, as the folder does
         unet = UNet2DConditionModel.from_single_file(str(out / SINGLE_FILE), subfolder="unet",
                                                      config=str(configs_only(out, tmp_path / "c")))
         fused = erased.unet.state_dict()

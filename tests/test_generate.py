@@ -45,12 +45,13 @@ def generated(tiny_sd1, tmp_path_factory):
     return generate_pairs(write_prompts(tmp / "prompts.jsonl", 3), tiny_sd1, tmp / "out", **FAST)
 
 
-def test_default_sampler_is_the_models_own(tiny_sd1, tmp_path):
+def test_default_sampler_is_the_models_own(tiny_sd1, tiny_flux, tmp_path):
     """Without steps/guidance a micro world draws with its own recorded sampler (the one its quality
     bar and suites use), anything else with Stable Diffusion's 50 steps at guidance 7.5."""
     from erasure.world.model import default_sampler, world_sampler
 
     assert default_sampler(tiny_sd1) == (50, 7.5)
+    assert default_sampler(tiny_flux) == (28, 3.5)  # FluxPipeline's own
     out = generate_pairs(write_prompts(tmp_path / "p.jsonl", 1), "world:micro", tmp_path / "w", show_progress=False)
     settings = json.loads((out / "generation.json").read_text())
     assert (settings["steps"], settings["guidance"]) == world_sampler() == (20, 3.0)
@@ -72,8 +73,11 @@ def test_pairs_sd1(generated):
     assert len(load_prompt_image_set("retain_data", str(generated / "retain"))) == 3
 
 
-def test_pairs_sd3(tiny_sd3, tmp_path):
-    out = generate_pairs(write_prompts(tmp_path / "p.jsonl", 1), tiny_sd3, tmp_path / "out", **FAST)
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_pairs_on_the_other_text_families(family, tiny_models, tmp_path):
+    # size: FluxPipeline draws at 1024 px unless told (the fixture would draw 256); the others' is 32
+    out = generate_pairs(write_prompts(tmp_path / "p.jsonl", 1), tiny_models[family], tmp_path / "out", size=32,
+                         **FAST)
     for side in ("forget", "retain"):
         assert len(rows(out / side)) == 1
         assert pixels(out / side / "000000_0.png").shape == (32, 32, 3)

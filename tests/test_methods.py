@@ -6,11 +6,11 @@ import re
 import pytest
 import torch
 
-from conftest import read_weights, run_recipe
+from conftest import TEXT_FAMILIES, read_weights, run_recipe
 from erasure.backbones import load_backbone
 from erasure.config import METHODS, TrainConfig
 
-DENOISER = {"sd1": "unet", "sd3": "transformer"}
+DENOISER = {"sd1": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
 def expected_trainable(model_dir, method: str) -> set[str]:
@@ -20,7 +20,7 @@ def expected_trainable(model_dir, method: str) -> set[str]:
     return {name for name, _ in backbone.select_trainable(config.scope)}
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "uce"])  # UCE: tests/test_uce.py
 def test_method_trains_its_scope_and_nothing_else(method, family, tiny_models, tmp_path):
     base = tiny_models[family]
@@ -36,12 +36,12 @@ def test_method_trains_its_scope_and_nothing_else(method, family, tiny_models, t
     # every trainable tensor.
     share = len(changed) / len(trainable)
     assert share >= (0.5 if method == "salun" else 1.0), sorted(trainable - changed)[:5]
-    for component in ("vae", "text_encoder"):
+    for component in ("vae", "text_encoder", "text_encoder_2"):
         assert all(torch.equal(a, b) for a, b in zip(read_weights(base / component).values(),
                                                      read_weights(out / component).values()))
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_scopes_partition_the_denoiser(family, tiny_models):
     config = TrainConfig(model="x", method="finetune", retain_data="tiny:retain")
     names = {}
@@ -51,11 +51,11 @@ def test_scopes_partition_the_denoiser(family, tiny_models):
     assert names["xattn"] and names["noxattn"]
     assert names["xattn"] | names["noxattn"] < names["full"]  # noxattn leaves time embedding / output
     assert not names["xattn"] & names["noxattn"]
-    pattern = r"attn2\." if family == "sd1" else r"attn\.(add_|to_add_out)"
+    pattern = r"attn2\." if family in ("sd1", "sdxl") else r"attn\.(add_|to_add_out|norm_added_)"
     assert all(re.search(pattern, n) for n in names["xattn"])
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_lora_scope_trains_only_adapters(family, tiny_models):
     backbone = load_backbone(tiny_models[family], None)
     trainable = backbone.select_trainable("lora", lora_rank=2)
@@ -208,3 +208,11 @@ def test_adamw8bit_keeps_its_moments_in_8_bits_and_resumes_exactly(tiny_sd1, tmp
                          resume=full / "checkpoints" / "checkpoint-1", **common)
     again = read_weights(resumed / "unet")
     assert all(torch.equal(after[k], again[k]) for k in after)  # the 8-bit state came back as it was
+
+
+def test_flux_without_t5_is_refused_in_one_line(tiny_flux, tmp_path):
+    from erasure.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"^use_t5: false on FluxPipeline: .*set use_t5: true$") as refused:
+        run_recipe("tiny/rgd.yaml", model=tiny_flux, output_dir=tmp_path / "out", use_t5=False)
+    assert "\n" not in str(refused.value) and not list((tmp_path / "out").glob("*"))

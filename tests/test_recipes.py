@@ -24,7 +24,8 @@ def test_recipe_is_valid(recipe):
 
 def test_a_tiny_recipe_per_method_and_the_paper_recipes_ship():
     assert {f"tiny/{m}.yaml" for m in METHODS} <= set(ALL)
-    assert {"sd14/nudity-rgd.yaml", "sd14/van-gogh-rgd.yaml", "sd3/nudity-rgd.yaml"} <= set(ALL)
+    assert {"sd14/nudity-rgd.yaml", "sd14/van-gogh-rgd.yaml", "sd3/nudity-rgd.yaml",
+            "sdxl/nudity-rgd.yaml", "sdxl/nudity-rgd-lora.yaml", "flux/nudity-rgd.yaml"} <= set(ALL)
     assert {f"sd14/nudity-{m}.yaml" for m in METHODS} <= set(ALL)
     paper = TrainConfig(**{**read_recipe(RECIPES / "sd14/nudity-rgd.yaml"), "forget_data": "tiny:forget",
                            "retain_data": "tiny:retain"})

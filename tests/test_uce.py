@@ -6,14 +6,15 @@ import re
 import pytest
 import torch
 
-from conftest import read_weights, run_recipe
+from conftest import TEXT_FAMILIES, read_weights, run_recipe
 from erasure.backbones import load_backbone
 from erasure.backbones.base import TokenSegment
 from erasure.methods.uce import _pairs_aligned, uce_edit
 
-EDITED = {"sd1": r"attn2\.to_[kv]\.weight$",
-          "sd3": r"^(context_embedder|time_text_embed\.text_embedder\.linear_1)\.weight$"}
-DENOISER = {"sd1": "unet", "sd3": "transformer"}
+EDITED = {"sd1": r"attn2\.to_[kv]\.weight$", "sdxl": r"attn2\.to_[kv]\.weight$",
+          "sd3": r"^(context_embedder|time_text_embed\.text_embedder\.linear_1)\.weight$",
+          "flux": r"^(context_embedder|time_text_embed\.text_embedder\.linear_1)\.weight$"}
+DENOISER = {"sd1": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
 def last_token_vectors(backbone, prompts):
@@ -65,7 +66,7 @@ def test_aligned_span_pairs_words_after_the_concept():
     assert same == [(k, k) for k in range(5, 8)]  # nothing differs: only the padding after the end
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_uce_edits_only_the_text_projections(family, tiny_models, tmp_path):
     base = tiny_models[family]
     out = run_recipe("tiny/uce.yaml", model=base, output_dir=tmp_path / "out", uce_token_span="aligned")
@@ -74,7 +75,7 @@ def test_uce_edits_only_the_text_projections(family, tiny_models, tmp_path):
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     expected = {n for n in before if re.search(EDITED[family], n)}
     assert changed == expected and expected
-    for component in ("vae", "text_encoder"):
+    for component in ("vae", "text_encoder", "text_encoder_2"):
         assert all(torch.equal(a, b) for a, b in zip(read_weights(base / component).values(),
                                                      read_weights(out / component).values()))
     card = json.loads((out / "erasure.json").read_text())

@@ -11,8 +11,11 @@ import torch
 
 from erasure.backbones.base import Backbone, Conditioning, Noised
 from erasure.backbones.dit import DiTBackbone
+from erasure.backbones.flow import FlowMatchingBackbone
+from erasure.backbones.flux import FluxBackbone
 from erasure.backbones.sd1 import StableDiffusionBackbone
 from erasure.backbones.sd3 import StableDiffusion3Backbone
+from erasure.backbones.sdxl import StableDiffusionXLBackbone
 from erasure.backbones.unconditional import UnconditionalBackbone
 from erasure.errors import ModelError, one_line
 
@@ -20,7 +23,9 @@ __all__ = ["Backbone", "Conditioning", "Noised", "check_model", "load_backbone",
 
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
+    "StableDiffusionXLPipeline": StableDiffusionXLBackbone,
     "StableDiffusion3Pipeline": StableDiffusion3Backbone,
+    "FluxPipeline": FluxBackbone,
     "DiTPipeline": DiTBackbone,
     "DDPMPipeline": UnconditionalBackbone,
 }
@@ -109,7 +114,7 @@ def wrap_pipeline(pipe, config=None) -> Backbone:
     name = type(pipe).__name__
     check_family(name)
     family = FAMILIES[name]
-    if family is StableDiffusion3Backbone and config is not None:
+    if issubclass(family, FlowMatchingBackbone) and config is not None:
         return family(pipe, use_t5=config.use_t5, weighting_scheme=config.weighting_scheme,
                       logit_mean=config.logit_mean, logit_std=config.logit_std,
                       mode_scale=config.mode_scale)

@@ -216,7 +216,9 @@ class Backbone:
     def to_eps(self, pred: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sampling_scheduler(self):
+    def sampling_scheduler(self, num_steps: int, like: torch.Tensor):
+        """A fresh scheduler of the family's sampler, its timesteps set for ``num_steps`` steps from
+        latents shaped like ``like`` (ESD draws its x_t with it)."""
         raise NotImplementedError
 
     # ---- export ---------------------------------------------------------------------------------

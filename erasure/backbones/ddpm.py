@@ -46,11 +46,13 @@ class DDPMBackbone(Backbone):
         alpha, sigma = self._alpha_sigma(timesteps, x_t)
         return alpha * pred + sigma * x_t
 
-    def sampling_scheduler(self):
+    def sampling_scheduler(self, num_steps, like):
         from diffusers import DDIMScheduler
 
         # ESD samples its x_t with DDIM (Gandikota et al. 2023, code: 50 DDIM steps).
-        return DDIMScheduler.from_config(self.scheduler.config)
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_steps, device=like.device)
+        return scheduler
 
 
 def eps_half(output: torch.Tensor, channels: int) -> torch.Tensor:

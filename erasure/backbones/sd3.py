@@ -1,40 +1,24 @@
-"""SD3: SD3Transformer2DModel, rectified flow, with or without the T5 encoder.
-
-x_t = (1 - s) x0 + s eps and the network predicts the velocity v = eps - x0 (Esser et al. 2024,
-eq. 2 and §3.1); timesteps are s·1000 drawn from a logit-normal density, with the loss weights of
-diffusers.training_utils.
-"""
+"""SD3: SD3Transformer2DModel (MMDiT), rectified flow (erasure.backbones.flow), with or without T5."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from erasure.backbones.base import Backbone, Conditioning, Noised, broadcast_to, token_segments
+from erasure.backbones.base import Conditioning, token_segments
+from erasure.backbones.flow import FlowMatchingBackbone
 
 
 T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.encode_prompt's default max_sequence_length
 
 
-class StableDiffusion3Backbone(Backbone):
+class StableDiffusion3Backbone(FlowMatchingBackbone):
     family = "sd3"
-    denoiser_component = "transformer"
     # Joint attention: the context stream's projections are SD3's cross-attention analogue.
     cross_attention = r"\battn\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\."
     noxattn_excluded = r"^(time_text_embed|norm_out|proj_out)\."
     # diffusers' SD3 LoRA training default (train_dreambooth_lora_sd3.py).
     lora_targets = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
-
-    def __init__(self, pipe, use_t5: bool = True, weighting_scheme: str = "logit_normal",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29):
-        super().__init__(pipe, use_t5)
-        # A private copy: set_timesteps during sampling must not move the training timesteps.
-        self.scheduler = copy.deepcopy(pipe.scheduler)
-        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.weighting = dict(weighting_scheme=weighting_scheme, logit_mean=logit_mean,
-                              logit_std=logit_std, mode_scale=mode_scale)
 
     @property
     def text_encoders(self):
@@ -69,25 +53,6 @@ class StableDiffusion3Backbone(Backbone):
                 "pooled_projections": [("time_text_embed.text_embedder.linear_1",
                                         t.time_text_embed.text_embedder.linear_1)]}
 
-    def sample_timesteps(self, n, generator):
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        u = compute_density_for_timestep_sampling(batch_size=n, generator=generator, **self.weighting)
-        indices = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
-        return self.scheduler.timesteps[indices]
-
-    def _sigma(self, timesteps, like):
-        # The scheduler's timesteps are s · num_train_timesteps (FlowMatchEulerDiscreteScheduler).
-        return broadcast_to(timesteps.float() / self.num_train_timesteps, like)
-
-    def add_noise(self, x0, noise, timesteps) -> Noised:
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-        s = self._sigma(timesteps, x0)
-        x_t = (1 - s) * x0 + s * noise
-        weight = compute_loss_weighting_for_sd3(self.weighting["weighting_scheme"], s.flatten())
-        return Noised(x_t, timesteps, noise - x0, weight.float())
-
     def inert(self, name):
         # A context_pre_only block (the last one) discards the context stream's attention output,
         # so its context query projection never reaches the prediction.
@@ -97,14 +62,3 @@ class StableDiffusion3Backbone(Backbone):
 
     def predict(self, model, x_t, timesteps, cond):
         return model(hidden_states=x_t, timestep=timesteps, return_dict=False, **cond)[0]
-
-    def to_eps(self, pred, x_t, timesteps):
-        # x0 = eps - v, so x_t = eps - (1 - s) v: eps_hat = x_t + (1 - s) v_hat (DESIGN.md table).
-        return x_t + (1 - self._sigma(timesteps, x_t)) * pred
-
-    def sampling_scheduler(self):
-        return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-
-    def save_lora(self, directory, lora_state_dict, metadata):
-        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=lora_state_dict,
-                                          transformer_lora_adapter_metadata=metadata)

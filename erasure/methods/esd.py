@@ -19,8 +19,7 @@ def concat(a: Conditioning, b: Conditioning) -> Conditioning:
 def sample_partial_trajectory(backbone: Backbone, model, start_noise: torch.Tensor, cond: Conditioning,
                               uncond: Conditioning, guidance: float, num_steps: int, stop: int):
     """Run `stop` of `num_steps` guided sampler steps; returns x_t and its timesteps."""
-    scheduler = backbone.sampling_scheduler()
-    scheduler.set_timesteps(num_steps, device=start_noise.device)
+    scheduler = backbone.sampling_scheduler(num_steps, start_noise)
     # Flow-matching schedulers start at unit noise and take the input unscaled.
     x = start_noise * getattr(scheduler, "init_noise_sigma", 1.0)
     scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)

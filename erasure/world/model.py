@@ -207,17 +207,19 @@ def world_sampler(folder=None) -> tuple[int, float]:
     return sampler["num_inference_steps"], sampler["guidance_scale"]
 
 
-# (steps, guidance) of pipelines that do not sample like Stable Diffusion: their own __call__
-# defaults in diffusers 0.42. DiTPipeline: num_inference_steps=50, guidance_scale=4.0 (its DDIM
+# (steps, guidance) of pipelines that do not sample like Stable Diffusion 1.x: their own __call__
+# defaults in diffusers 0.42. SDXL: 50 steps at 5.0; SD3: 28 at 7.0; FLUX: 28 at a distilled guidance
+# of 3.5 ([dev]'s embedding; [schnell] ignores it and is drawn in 4 steps, which the user sets). DiTPipeline: num_inference_steps=50, guidance_scale=4.0 (its DDIM
 # sampler; the DiT paper's own samples take 250 DDPM steps at cfg 1.5 for FID, 4.0 for pictures).
 # DDPMPipeline: num_inference_steps=1000 and no guidance (1: the model's prediction alone).
-PIPELINE_SAMPLERS = {"DiTPipeline": (50, 4.0), "DDPMPipeline": (1000, 1.0)}
+PIPELINE_SAMPLERS = {"StableDiffusionXLPipeline": (50, 5.0), "StableDiffusion3Pipeline": (28, 7.0),
+                     "FluxPipeline": (28, 3.5), "DiTPipeline": (50, 4.0), "DDPMPipeline": (1000, 1.0)}
 
 
 def default_sampler(folder) -> tuple[int, float]:
     """(steps, guidance) a pipeline folder is drawn with when nobody says otherwise: a world's own
-    sampler (the one its quality bar and its suites use), DiT's and DDPM's pipeline defaults, else
-    Stable Diffusion's (50 steps, 7.5)."""
+    sampler (the one its quality bar and its suites use), the pipeline's own defaults, else
+    Stable Diffusion 1.x's (50 steps, 7.5)."""
     if (Path(folder) / WORLD_FILE).is_file():
         return world_sampler(folder)
     from erasure.backbones import pipeline_class
