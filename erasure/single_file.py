@@ -1,15 +1,18 @@
 """The erased pipeline as one checkpoint in its original layout: the file A1111 and ComfyUI load.
 
 Stable Diffusion was released as single checkpoints of the code it was trained with, whose module
-names are not diffusers': CompVis' latent-diffusion ("ldm": SD 1.x and 2.x). diffusers reads these
-files (`from_single_file`, diffusers.loaders.single_file_utils) but writes none; this module writes
-them, the inverse of diffusers' readers, one function per component:
+names are not diffusers': CompVis' latent-diffusion ("ldm": SD 1.x and 2.x) and Stability's
+generative-models ("sgm": SDXL). diffusers reads these files (`from_single_file`,
+diffusers.loaders.single_file_utils) but writes none; this module writes them, the inverse of
+diffusers' readers, one function per component:
 
-- UNet: `model.diffusion_model.` (ldm's UNetModel);
-- VAE: `first_stage_model.` (ldm's AutoencoderKL);
+- UNet: `model.diffusion_model.` (ldm's UNetModel; SDXL's is the same, its added conditioning as `label_emb`);
+- VAE: `first_stage_model.` (ldm's AutoencoderKL, in both layouts);
 - text encoder, SD 1.x: `cond_stage_model.transformer.` + transformers' own CLIP names (OpenAI CLIP);
 - text encoder, SD 2.x: `cond_stage_model.model.` + OpenCLIP's names. diffusers keeps 23 of OpenCLIP
-  ViT-H's 24 layers (SD 2 reads the penultimate one) and so does the file; the 24th is never read.
+  ViT-H's 24 layers (SD 2 reads the penultimate one) and so does the file; the 24th is never read;
+- text encoders, SDXL: `conditioner.embedders.0.transformer.` (OpenAI CLIP ViT-L, as SD 1.x's) and
+  `conditioner.embedders.1.model.` (OpenCLIP ViT-bigG, with its text projection).
 
 The UNet's and the VAE's names are computed from the model's own blocks (levels, layers per level,
 which levels attend, transformer depth), so any UNet2DConditionModel maps, not only SD's four levels
@@ -193,7 +196,14 @@ def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
     return unet_state_dict(pipe.unet) | vae_state_dict(pipe.vae) | text
 
 
-LAYOUTS = {"ldm": ldm_state_dict}
+def sgm_state_dict(pipe) -> dict[str, torch.Tensor]:
+    """SDXL: ldm's UNet and VAE, and the conditioner's two text embedders."""
+    return (unet_state_dict(pipe.unet) | vae_state_dict(pipe.vae)
+            | openai_clip_state_dict(pipe.text_encoder, "conditioner.embedders.0.transformer.")
+            | open_clip_state_dict(pipe.text_encoder_2, "conditioner.embedders.1.model."))
+
+
+LAYOUTS = {"ldm": ldm_state_dict, "sgm": sgm_state_dict}
 
 
 def single_file_state_dict(pipe, layout: str) -> dict[str, torch.Tensor]:

@@ -6,11 +6,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-from conftest import TEXT_FAMILIES, assert_same_weights, configs_only, read_weights, run_recipe
+from conftest import TEXT_FAMILIES, assert_same_weights, configs_only, read_weights, run_recipe, single_file_pipeline
 from erasure.export import check_output_dir, export_pipeline
 from erasure.hub import SINGLE_FILE
 
-SINGLE_FILE_FAMILIES = ("sd1",)  # those export_single_file writes (erasure.single_file)
+SINGLE_FILE_FAMILIES = ("sd1", "sdxl")  # those export_single_file writes (erasure.single_file)
 
 
 def generate(pipe, prompt="a photo of a person on a beach"):
@@ -32,7 +32,7 @@ def test_export_loads_with_no_extra_arguments_and_generates(family, tiny_models,
     assert "rgd" in (out / "README.md").read_text().lower()
     assert not list(out.glob("**/*.bin")) and not list(out.parent.glob(".out.*"))
     if family in SINGLE_FILE_FAMILIES:  # the original-layout file loads back as the folder
-        single = type(pipe).from_single_file(str(out / SINGLE_FILE), config=str(configs_only(out, tmp_path / "c")))
+        single = single_file_pipeline(type(pipe), out / SINGLE_FILE, out, tmp_path / "c")
         assert_same_weights(single, pipe)
         assert abs(generate(single) - images).max() <= 1e-6  # same weights, seed and steps (measured: 0)
         assert card["single_file"] == {"file": SINGLE_FILE, "pipeline": type(pipe).__name__}
