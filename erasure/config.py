@@ -241,6 +241,11 @@ class TrainConfig:
     keep_checkpoints: bool = field(default=False, metadata=_help(
         "Keep output_dir/checkpoints after a successful export (default: remove them, so the "
         "folder holds only what ships)."))
+    export_single_file: bool = field(default=False, metadata=_help(
+        "Also write the whole erased pipeline as one checkpoint in its original layout (CompVis' ldm for "
+        "SD 1.x / 2.x, Stability's sgm for SDXL), single_file.safetensors in output_dir, which A1111 and "
+        "ComfyUI load and diffusers reads with from_single_file. With scope: lora it holds the fused model. "
+        "Not for SD3, FLUX, DiT or DDPM pipelines."))
     overwrite: bool = field(default=False, metadata=_help(
         "Let the export replace a non-empty output_dir that is not an erasure export (its files are lost). "
         "An earlier export is always replaced as a whole."))

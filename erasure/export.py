@@ -17,7 +17,7 @@ from pathlib import Path
 
 from erasure.atomic import recover_folder, replace_folder, staging_beside, strict_json
 from erasure.errors import OutputError
-from erasure.hub import CARD_JSON, model_card
+from erasure.hub import CARD_JSON, SINGLE_FILE, model_card
 
 MODEL_INDEX = "model_index.json"
 
@@ -96,11 +96,13 @@ def check_output_dir(out: Path, model: str, overwrite: bool) -> None:
 
 
 def export_pipeline(pipe, out_dir: Path, base_folder: Path, card: dict,
-                    lora_state_dict: dict | None = None, save_lora=None, carry: tuple[str, ...] = ()) -> Path:
+                    lora_state_dict: dict | None = None, save_lora=None, carry: tuple[str, ...] = (),
+                    single_file: dict | None = None) -> Path:
     """Write the whole export beside `out_dir`, then swap it in as one folder: a crash at any moment
     leaves the complete old export or the complete new one, and nothing of an earlier run (a stale
     LoRA adapter, say) survives in the new one. `carry` names entries of the old folder that belong
-    to this run (its checkpoints, its logs) and move into the new one."""
+    to this run (its checkpoints, its logs) and move into the new one. `single_file` (the backbone's
+    single_file_state_dict) is written as SINGLE_FILE, inside the folder that is swapped in."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = staging_beside(out, "export")
@@ -108,6 +110,12 @@ def export_pipeline(pipe, out_dir: Path, base_folder: Path, card: dict,
     _restore_components(staging, base_folder, ("text_encoder_3", "tokenizer_3"))
     if lora_state_dict is not None:
         save_lora(staging, lora_state_dict)
+    if single_file is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in single_file.items()}, staging / SINGLE_FILE,
+                  metadata={"format": "pt"})
+        card = {**card, "single_file": {"file": SINGLE_FILE, "pipeline": type(pipe).__name__}}
     card = {**card, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
     (staging / CARD_JSON).write_text(strict_json(card, indent=2, default=str))
     # the card reads the record as it is stored (JSON), so that a later `erasure push` renders the same card

@@ -23,6 +23,7 @@ CARD_JSON = "erasure.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_LORA = "lora_kohya.safetensors"  # the same adapter in kohya-ss's layout
 KOHYA_FAMILIES = ("sd1", "sdxl")  # the UNet families whose LoRA exports write it (backbones.base.save_kohya_lora)
+SINGLE_FILE = "single_file.safetensors"  # the whole pipeline in its original layout (erasure.single_file)
 # What a run leaves beside the pipeline for the training machine only (erasure.trainer.RUN_FILES and
 # the checkpoints): never uploaded.
 NOT_PUBLISHED = ("checkpoints", "logs", "monitor")
@@ -117,6 +118,14 @@ def model_card(record: dict, repo_id: str | None = None, report: dict | None = N
             f"`pipe.load_lora_weights(\"{where}\")`."
             + (f" The same adapter in kohya's layout, for A1111 and ComfyUI, is `{KOHYA_LORA}`."
                if family in KOHYA_FAMILIES else "") + "\n") if config["scope"] == "lora" else ""
+    single, single_text = record.get("single_file"), ""
+    if single:  # erasure.export wrote the whole pipeline in its original layout at the top level
+        file = f"https://huggingface.co/{repo_id}/blob/main/{single['file']}" if repo_id else \
+            f"{where}/{single['file']}"
+        fused = " (the LoRA fused in)" if config["scope"] == "lora" else ""
+        single_text = (f"\nThe whole pipeline{fused} is also one checkpoint in its original layout, "
+                       f"`{single['file']}`, which A1111 and ComfyUI load; diffusers reads it with "
+                       f"`{single['pipeline']}.from_single_file(\"{file}\", config=\"{where}\")`.\n")
     body = f"""
 # {config['concept'] or 'A concept'} erased from {base_text} with {method.upper()}
 
@@ -137,7 +146,7 @@ package versions are in `{CARD_JSON}`.
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{where}")
 ```
-{lora}
+{lora}{single_text}
 {_report_section(report) + chr(10) if report else ''}
 Erasure lowers the chance that the model draws the concept; it is not a guarantee. Evaluate it
 (`erasure eval`: I2P / NudeNet, CLIP alignment) before you publish it.

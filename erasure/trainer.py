@@ -413,6 +413,8 @@ def train(config: TrainConfig) -> Path:
     with accelerator.main_process_first():
         base_folder = resolve_model(config.model, config.revision)
     backbone = load_backbone(base_folder, config)
+    if config.export_single_file:  # a weight the original layout has no name for fails now, not after training
+        backbone.single_file_state_dict()
     resolution = config.resolution or backbone.native_resolution()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     device = accelerator.device
@@ -706,6 +708,8 @@ def _export(model, config: TrainConfig, backbone: Backbone, base_folder: Path, o
         model.fuse_lora()  # the pipeline folder holds the erased model itself,
         model.unload_lora()  # the adapter file holds the difference
     model.to("cpu")
+    # after the fuse: with scope lora the single file is the fused model, as the folder is
+    single_file = backbone.single_file_state_dict() if config.export_single_file else None
     card = {"base_model": config.model, "family": backbone.family,
             "method": config.method, "concept": config.concept,
             "steps": stats.get("steps_done", 0 if METHOD_TABLE[config.method].closed_form else config.max_steps),
@@ -717,7 +721,7 @@ def _export(model, config: TrainConfig, backbone: Backbone, base_folder: Path, o
     # The folder is what users ship; checkpoints only serve a resume, unless asked to stay.
     export_pipeline(backbone.pipe, out, base_folder, card, lora,
                     partial(backbone.save_lora, metadata=lora_metadata),
-                    carry=RUN_FILES + (("checkpoints",) if config.keep_checkpoints else ()))
+                    carry=RUN_FILES + (("checkpoints",) if config.keep_checkpoints else ()), single_file=single_file)
     print(f"exported the erased pipeline to {out}")
     if config.push_to_hub:
         from erasure.hub import push_export

@@ -107,3 +107,40 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def configs_only(folder: Path, to: Path) -> Path:
+    """A pipeline folder without its weights: as `config` of from_single_file it gives only configs and
+    tokenizers, so every weight of the loaded pipeline comes from the single file."""
+    import shutil
+
+    return Path(shutil.copytree(folder, to, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")))
+
+
+def single_file_pipeline(pipeline_class, file: Path, folder: Path, to: Path):
+    """pipeline_class.from_single_file(file), offline: `config` is `folder` without its weights (copied to
+    `to`). diffusers tells SDXL's second text encoder from the first by its width (1280 against 768); the
+    tiny SDXL's are both 32 wide, so it would read the first in the second's place. The second is read
+    here with diffusers' own OpenCLIP reader and passed in."""
+    config = configs_only(folder, to)
+    extra = {}
+    if pipeline_class.__name__ == "StableDiffusionXLPipeline":
+        from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+        from safetensors.torch import load_file
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config / "text_encoder_2"))
+        encoder.load_state_dict(convert_open_clip_checkpoint(encoder, load_file(file),
+                                                             prefix="conditioner.embedders.1.model."))  # strict
+        extra["text_encoder_2"] = encoder
+    return pipeline_class.from_single_file(str(file), config=str(config), **extra)
+
+
+def assert_same_weights(a, b) -> None:
+    """Every network of pipeline `a` (UNet, VAE, text encoders) holds the same tensors as `b`'s."""
+    networks = {name for name, module in a.components.items() if isinstance(module, torch.nn.Module)}
+    assert networks and networks == {n for n, m in b.components.items() if isinstance(m, torch.nn.Module)}
+    for name in networks:
+        x, y = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert x.keys() == y.keys(), name
+        assert all(torch.equal(x[k], y[k]) for k in x), name

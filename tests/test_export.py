@@ -4,10 +4,13 @@ import json
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-from conftest import TEXT_FAMILIES, read_weights, run_recipe
+from conftest import TEXT_FAMILIES, assert_same_weights, configs_only, read_weights, run_recipe, single_file_pipeline
 from erasure.export import check_output_dir, export_pipeline
+from erasure.hub import SINGLE_FILE
+
+SINGLE_FILE_FAMILIES = ("sd1", "sdxl")  # those export_single_file writes (erasure.single_file)
 
 
 def generate(pipe, prompt="a photo of a person on a beach"):
@@ -17,7 +20,8 @@ def generate(pipe, prompt="a photo of a person on a beach"):
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_export_loads_with_no_extra_arguments_and_generates(family, tiny_models, tmp_path):
-    out = run_recipe("tiny/rgd.yaml", model=tiny_models[family], output_dir=tmp_path / "out", max_steps=2)
+    out = run_recipe("tiny/rgd.yaml", model=tiny_models[family], output_dir=tmp_path / "out", max_steps=2,
+                     export_single_file=family in SINGLE_FILE_FAMILIES)
     pipe = DiffusionPipeline.from_pretrained(out)
     images = generate(pipe)
     assert images.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(images)).all()
@@ -27,6 +31,12 @@ def test_export_loads_with_no_extra_arguments_and_generates(family, tiny_models,
     assert card["final_losses"]["forget"] is not None and card["config"]["learning_rate"] == 1e-4
     assert "rgd" in (out / "README.md").read_text().lower()
     assert not list(out.glob("**/*.bin")) and not list(out.parent.glob(".out.*"))
+    if family in SINGLE_FILE_FAMILIES:  # the original-layout file loads back as the folder
+        single = single_file_pipeline(type(pipe), out / SINGLE_FILE, out, tmp_path / "c")
+        assert_same_weights(single, pipe)
+        assert abs(generate(single) - images).max() <= 1e-6  # same weights, seed and steps (measured: 0)
+        assert card["single_file"] == {"file": SINGLE_FILE, "pipeline": type(pipe).__name__}
+        assert f'from_single_file("path/to/this/folder/{SINGLE_FILE}"' in (out / "README.md").read_text()
 
 
 def test_sd3_trained_without_t5_exports_a_complete_pipeline(tiny_sd3, tmp_path):
@@ -43,7 +53,7 @@ def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
     base = tiny_models[family]
     # alpha ≠ rank: the adapter file must carry its alpha, or diffusers reloads it at alpha = rank
     out = run_recipe("tiny/rgd.yaml", model=base, output_dir=tmp_path / "out", max_steps=2, scope="lora",
-                     learning_rate=1e-2, lora_rank=4, lora_alpha=16)
+                     learning_rate=1e-2, lora_rank=4, lora_alpha=16, export_single_file=family in SINGLE_FILE_FAMILIES)
     erased = DiffusionPipeline.from_pretrained(out)  # LoRA fused into the exported weights
     with_adapter = DiffusionPipeline.from_pretrained(base)
     with_adapter.load_lora_weights(out)
@@ -60,6 +70,12 @@ def test_lora_export_applies_to_the_base_model(family, tiny_models, tmp_path):
         with_kohya = DiffusionPipeline.from_pretrained(base)
         with_kohya.load_lora_weights(out, weight_name="lora_kohya.safetensors")
         assert abs(a - generate(with_kohya)).max() < 1e-4
+    if family in SINGLE_FILE_FAMILIES:  # the single file holds the fused model, as the folder does
+        unet = UNet2DConditionModel.from_single_file(str(out / SINGLE_FILE), subfolder="unet",
+                                                     config=str(configs_only(out, tmp_path / "c")))
+        fused = erased.unet.state_dict()
+        assert unet.state_dict().keys() == fused.keys()
+        assert all(torch.equal(v, fused[k]) for k, v in unet.state_dict().items())
 
 
 def test_a_crash_at_any_moment_of_an_export_leaves_the_old_export_whole(tiny_sd1, tmp_path):

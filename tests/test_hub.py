@@ -51,19 +51,23 @@ def test_push_refuses_what_is_not_an_export(tmp_path, capsys):
     assert info.value.code == 2 and "is not an erasure export" in capsys.readouterr().err
 
 
-def test_a_lora_card_names_the_hub_base_and_both_adapter_files():
+def test_a_lora_card_names_the_hub_base_both_adapter_files_and_the_single_file():
     from erasure.hub import model_card
 
     record = {"config": {"method": "rgd", "scope": "lora", "concept": "nudity", "batch_size": 8,
                          "learning_rate": 1e-5},
               "base_model": "some-org/base-model", "family": "sd1", "steps": 100,
               "final_losses": {"forget": 1.0, "retain": None}, "run": {},
-              "data": {"forget_data": {"source": "/home/alice/forget", "rows": 8, "sha256": "ab" * 32}}}
+              "data": {"forget_data": {"source": "/home/alice/forget", "rows": 8, "sha256": "ab" * 32}},
+              "single_file": {"file": "single_file.safetensors", "pipeline": "StableDiffusionPipeline"}}
     card = model_card(record, repo_id="me/sd14-nudity")
     text = str(card)
     assert card.data.base_model == "some-org/base-model" and card.data.pipeline_tag == "text-to-image"
     assert "lora" in card.data.tags and 'load_lora_weights("me/sd14-nudity")' in text
     assert "lora_kohya.safetensors" in text and "pytorch_lora_weights.safetensors" in text
+    assert "pipeline (the LoRA fused in) is also one checkpoint" in text
+    assert ('StableDiffusionPipeline.from_single_file("https://huggingface.co/me/sd14-nudity/blob/main/'
+            'single_file.safetensors", config="me/sd14-nudity")') in text
     assert "alice" not in text and "`forget`" in text
 
 

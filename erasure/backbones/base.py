@@ -71,6 +71,9 @@ class Backbone:
     noxattn_excluded: str
     lora_targets: list[str]
     denoiser_component: str  # the pipeline's name for the denoiser ("unet", "transformer")
+    # The layout of the family's original single-file checkpoints that erasure writes (erasure.single_file),
+    # or None where it writes none (export_single_file is refused before the weights load).
+    single_file_layout: str | None = None
 
     def __init__(self, pipe, use_t5: bool = True):
         self.pipe = pipe
@@ -91,6 +94,13 @@ class Backbone:
             allowed = [s for s in SCOPES if s not in cls.scope_refusals]
             raise RecipeError(f"scope: {config.scope} on {pipeline}: {cls.scope_refusals[config.scope]}; "
                               f"scopes for it: {', '.join(allowed)}")
+        if config.export_single_file and cls.single_file_layout is None:
+            from erasure.backbones import FAMILIES
+
+            writable = [name for name, family in FAMILIES.items() if family.single_file_layout]
+            raise RecipeError(f"export_single_file: erasure writes no original-layout single file for {pipeline} "
+                              f"({cls.family}); it writes one for {', '.join(writable)}. The pipeline folder "
+                              "is exported either way")
         if config.monitor_every and cls.conditioning != "text":
             raise RecipeError(f"monitor_every: the training monitor samples prompts with a text-to-image "
                               f"pipeline; {pipeline} is conditioned on {CONDITIONING_WORDS[cls.conditioning]}. "
@@ -212,6 +222,12 @@ class Backbone:
         raise NotImplementedError
 
     # ---- export ---------------------------------------------------------------------------------
+    def single_file_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole pipeline's weights under the names of the family's original single-file checkpoint."""
+        from erasure.single_file import single_file_state_dict
+
+        return single_file_state_dict(self.pipe, self.single_file_layout)
+
     def save_lora(self, directory, lora_state_dict: dict, metadata: dict) -> None:
         """Write the adapter with its peft config (rank, alpha, targets) as safetensors metadata: without
         it diffusers reloads the adapter at alpha = rank, whatever alpha it was trained with."""

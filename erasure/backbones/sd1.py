@@ -14,6 +14,7 @@ class StableDiffusionBackbone(DDPMBackbone):
     cross_attention = r"\battn2\."
     noxattn_excluded = r"^(time_embedding|conv_out|conv_norm_out)\."
     lora_targets = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' SD LoRA training default
+    single_file_layout = "ldm"  # CompVis latent-diffusion's checkpoints (A1111, ComfyUI)
 
     @property
     def text_encoders(self):

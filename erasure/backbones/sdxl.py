@@ -19,6 +19,7 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     # add_embedding embeds the pooled text and the size numbers beside the time step: ESD's noxattn
     # leaves the time embedding alone, and this is part of it.
     noxattn_excluded = r"^(time_embedding|add_embedding|conv_out|conv_norm_out)\."
+    single_file_layout = "sgm"  # Stability's generative-models checkpoints (A1111, ComfyUI)
 
     @property
     def text_encoders(self):
