@@ -5,6 +5,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub library is imported
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Under pytest-xdist (the suite runs `-n 2`), each worker is one of the machine's cores: one thread
+# each, for torch here and for every process a test starts (the same thread count in both is what
+# makes a resumed run end bit for bit where one run does), or the workers' pools fight over the cores.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path
 
@@ -23,9 +29,6 @@ TINY_CLIP_CONFIG = {
 }
 
 
-# Under pytest-xdist (the README's test command runs `-n 2`), each worker is one of the machine's
-# cores: one torch thread each, or the workers' thread pools fight over the same cores.
-WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:
     torch.set_num_threads(1)
 
@@ -41,31 +44,33 @@ def erasure_cache(tmp_path_factory):
     return path
 
 
-def tiny(name: str) -> Path:
-    """The tiny:NAME fixture, built once per run into the shared cache."""
-    from erasure.backbones import resolve_model
+def tiny(cache: Path, name: str) -> Path:
+    """The tiny NAME pipeline in a folder of that name (evaluations name models by their folder),
+    built once per run however many workers ask for it."""
+    from erasure.atomic import build_atomically
+    from erasure.tiny import TINY_BUILDERS
 
-    return resolve_model(f"tiny:{name}")
+    return build_atomically(cache.parent / "tiny-fixtures" / name, TINY_BUILDERS[name])
 
 
 @pytest.fixture(scope="session")
 def tiny_sd1(erasure_cache):
-    return tiny("sd1")
+    return tiny(erasure_cache, "sd1")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(erasure_cache):
-    return tiny("sdxl")
+    return tiny(erasure_cache, "sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3(erasure_cache):
-    return tiny("sd3")
+    return tiny(erasure_cache, "sd3")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux(erasure_cache):
-    return tiny("flux")
+    return tiny(erasure_cache, "flux")
 
 
 @pytest.fixture(scope="session")
