@@ -159,12 +159,11 @@ def _tiny_clip(with_projection: bool, hidden: int = 32, projection: int = 32):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def build_tiny_sd1(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """A tiny StableDiffusionPipeline (UNet, eps or v prediction), saved with `save_pretrained`."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def _tiny_text_unet(**extra):
+    """A two-level UNet2DConditionModel, cross-attention at the lower level (SD 1.x's and SDXL's)."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(16, 32),
         layers_per_block=1,
         sample_size=16,
@@ -172,10 +171,17 @@ def build_tiny_sd1(out_dir: str | Path, seed: int = 0, prediction_type: str = "e
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
         norm_num_groups=8,
+        **extra,
     )
+
+
+def build_tiny_sd1(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A tiny StableDiffusionPipeline (UNet, eps or v prediction), saved with `save_pretrained`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    unet = _tiny_text_unet(cross_attention_dim=32, attention_head_dim=8)
     # SD 1.4's noise schedule (scaled_linear, 0.00085 → 0.012, 1000 steps).
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -203,18 +209,11 @@ def build_tiny_sd1(out_dir: str | Path, seed: int = 0, prediction_type: str = "e
 def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny StableDiffusionXLPipeline: two CLIP encoders, pooled text and size micro-conditioning,
     SDXL base's Euler scheduler; the second level has two transformer layers, as SDXL's deeper ones."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
     time_embed_dim, pooled_dim = 8, 32
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_text_unet(
         transformer_layers_per_block=(1, 2),
         cross_attention_dim=64,  # the two encoders' hidden states side by side (32 + 32)
         attention_head_dim=(2, 4),
@@ -223,7 +222,6 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
         addition_time_embed_dim=time_embed_dim,
         # six size numbers, each embedded in time_embed_dim, beside the pooled text (2816 in SDXL base)
         projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
-        norm_num_groups=8,
     )
     # SDXL base's scheduler config: SD's noise schedule, Euler sampling, "leading" spacing.
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
