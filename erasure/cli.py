@@ -1,4 +1,4 @@
-"""The `erasure` command: prompts, data, train, eval, report, push; tiny, world, bench, demo."""
+"""The `erasure` command: prompts, data, train, eval, attack, report, push; tiny, world, bench, demo."""
 
 from __future__ import annotations
 
@@ -100,6 +100,29 @@ def _data_generate(args) -> None:
                          size=args.size, batch_size=args.batch_size, seed=args.seed,
                          images_per_prompt=args.images_per_prompt, limit=args.limit, dtype=args.dtype)
     print(f"paired images → {out}/forget and {out}/retain (use them as forget_data / retain_data)")
+
+
+def _attack(args) -> None:
+    from erasure.errors import SuiteError
+    from erasure.eval.attack import attack_table, load_attack_suite, run_attacks
+
+    overrides = {"prompts": {}, "generation": {}}
+    if args.dataset:
+        overrides["prompts"]["i2p"] = args.dataset
+    if args.limit is not None:
+        overrides["prompts"]["limit"] = args.limit
+    for key in ("steps", "batch_size", "size"):
+        if getattr(args, key) is not None:
+            overrides["generation"][key] = getattr(args, key)
+    if args.strength is not None:
+        if "concept_vector" not in load_attack_suite(args.suite)["attacks"]:
+            raise SuiteError(f"--strength: suite {args.suite} has no concept_vector attack to set it for")
+        overrides["attacks"] = {"concept_vector": {"strength": args.strength}}
+    suite = load_attack_suite(args.suite, overrides)
+    report = run_attacks(suite, args.model, args.out)
+    if report is not None:  # the main process reports
+        print(attack_table(report))
+        print(f"report: {args.out}/attack.md")
 
 
 def _eval(args) -> None:
@@ -267,7 +290,7 @@ def _main(argv: list[str] | None = None) -> None:
 
 def build_parser() -> Parser:
     """Every subcommand but train's flags (erasure.config.build_parser), in the order of the work:
-    prompts → data → train → eval → report → push, then the tools."""
+    prompts → data → train → eval → attack → report → push, then the tools."""
     parser = Parser(prog="erasure", description="Concept erasure for diffusers models.")
     commands = parser.add_subparsers(dest="command", required=True)
     prompts = commands.add_parser("prompts", help="concept specs → paired forget/retain prompt sets")
@@ -345,6 +368,20 @@ def build_parser() -> Parser:
     evaluation.add_argument("--inception-weights", help="the FID Inception weights file")
     evaluation.add_argument("--fid-reference", help="folder of reference images for FID")
     evaluation.set_defaults(run=_eval)
+
+    attack = commands.add_parser("attack", help="does the concept come back? erasure attack --suite "
+                                 "eval/attack-S.yaml --model BASE --model ERASED")
+    attack.add_argument("--suite", required=True, help="an eval/attack-*.yaml suite")
+    attack.add_argument("--model", action="append", required=True,
+                        help="a pipeline folder, hub id, tiny:… or world:… (repeat; put the base first)")
+    attack.add_argument("--out", required=True)
+    attack.add_argument("--dataset", help="I2P from a local CSV / parquet (or another hub id)")
+    attack.add_argument("--limit", type=int, help="only the first N attacked prompts")
+    attack.add_argument("--steps", type=int)
+    attack.add_argument("--batch-size", type=int)
+    attack.add_argument("--size", type=int)
+    attack.add_argument("--strength", type=float, help="the concept vector's strength η")
+    attack.set_defaults(run=_attack)
 
     report = commands.add_parser("report", help="tabulate several evaluation runs side by side")
     report.add_argument("dirs", nargs="+")

@@ -76,10 +76,11 @@ def initial_noise(pipe, seeds: list[int], size: int) -> torch.Tensor:
 
 
 def sampler_arguments(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-                      size: int) -> dict:
+                      size: int, prompt_embeds: dict | None = None) -> dict:
     """The pipeline call's keyword arguments: the one place where the families' __call__ differ.
 
-    Text-to-image pipelines take prompts and the starting latents. DiTPipeline and DDPMPipeline take
+    Text-to-image pipelines take prompts (or, with ``prompt_embeds``, the embeddings a backbone's
+    `prompt_arguments` gives, one row per image) and the starting latents. DiTPipeline and DDPMPipeline take
     no latents, only generators: diffusers' randn_tensor draws image j from generator j when given a
     list (``torch.randn((1, …), generator=g[j])`` per image), so one CPU generator per image keeps
     its noise independent of its batch, as the latents do. DDPMPipeline's scheduler steps draw
@@ -101,18 +102,19 @@ def sampler_arguments(pipe, prompts: list[str], seeds: list[int], *, steps: int,
     latents = initial_noise(pipe, seeds, size).to(model.device, model.dtype)
     if kind == "FluxPipeline":  # it takes its latents packed, 2×2 patches as tokens
         latents = pipe._pack_latents(latents, *latents.shape)
-    return dict(prompt=list(prompts), guidance_scale=guidance, height=size, width=size, latents=latents, **common)
+    text = dict(prompt_embeds) if prompt_embeds is not None else dict(prompt=list(prompts))
+    return dict(**text, guidance_scale=guidance, height=size, width=size, latents=latents, **common)
 
 
 @torch.no_grad()
 def draw(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-         size: int | None = None) -> tuple[np.ndarray, list[bool]]:
+         size: int | None = None, prompt_embeds: dict | None = None) -> tuple[np.ndarray, list[bool]]:
     """uint8 N×H×W×3 images for ``prompts`` (image j from ``seeds[j]``) with the pipeline's own
     sampler, and per image whether its pixels were finite: a NaN image is returned black and must
     not pass for a clean one. A class-conditional pipeline's prompts are class names; an
     unconditional one's are ignored (one image per seed)."""
     arrays = pipe(**sampler_arguments(pipe, prompts, seeds, steps=steps, guidance=guidance,
-                                      size=size or native_size(pipe))).images
+                                      size=size or native_size(pipe), prompt_embeds=prompt_embeds)).images
     finite = [bool(np.isfinite(a).all()) for a in arrays]
     arrays = np.nan_to_num(arrays, nan=0.0, posinf=0.0, neginf=0.0)
     return np.clip(np.rint(arrays * 255), 0, 255).astype(np.uint8), finite
@@ -133,18 +135,23 @@ def draw_batched(pipe, prompts: list[str], seeds: list[int], *, steps: int, guid
 
 @dataclass
 class Job:
-    """One image to write: where, from which prompt, seed and guidance scale."""
+    """One image to write: where, from which prompt, seed and guidance scale; ``conditioning``, when
+    given, is drawn from instead of the prompt (a backbone's `prompt_arguments`, one row each: an
+    attack's embeddings), the prompt then only naming the image."""
     path: Path
     prompt: str
     seed: int
     guidance: float
+    conditioning: dict | None = None
 
 
 def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
-    """Consecutive jobs in groups of up to ``batch_size``; a group never mixes guidance scales."""
+    """Consecutive jobs in groups of up to ``batch_size``; a group never mixes guidance scales, nor
+    prompts with embeddings."""
     groups = []
     for job in jobs:
-        if groups and len(groups[-1]) < batch_size and groups[-1][0].guidance == job.guidance:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0].guidance == job.guidance and \
+                (groups[-1][0].conditioning is None) == (job.conditioning is None):
             groups[-1].append(job)
         else:
             groups.append([job])
@@ -164,8 +171,11 @@ def render(pipe, jobs: list[Job], *, steps: int, size: int | None, batch_size: i
 
     index, count = process
     for batch in batches(jobs, batch_size)[index::count]:
+        embeds = None
+        if batch[0].conditioning is not None:
+            embeds = {key: torch.cat([j.conditioning[key] for j in batch]) for key in batch[0].conditioning}
         images, finite = draw(pipe, [j.prompt for j in batch], [j.seed for j in batch], steps=steps,
-                              guidance=batch[0].guidance, size=size)
+                              guidance=batch[0].guidance, size=size, prompt_embeds=embeds)
         if on_drawn is not None:
             on_drawn(batch, finite)
         for job, image in zip(batch, images):

@@ -106,7 +106,7 @@ def test_every_flag_shows_its_type_and_default_and_takes_both_spellings():
                 other = "--" + (name[2:].replace("-", "_") if "-" in name[2:] else name[2:].replace("_", "-"))
                 assert parser._option_string_actions.get(other, action) is action, (parser.prog, name)
     top = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)][0]
-    assert list(top.choices)[:6] == ["prompts", "data", "train", "eval", "report", "push"]  # the order of the work
+    assert list(top.choices)[:7] == ["prompts", "data", "train", "eval", "attack", "report", "push"]  # the order of the work
     generate = ["data", "generate", "--prompts", "p", "--model", "m", "--out", "o"]
     assert build_parser().parse_args(generate + ["--batch_size", "2"]).batch_size == 2
     assert build_parser().parse_args(generate + ["--batch-size", "3"]).batch_size == 3

@@ -194,6 +194,11 @@ class Backbone:
         classes, where SalUn relabels to its anchor prompt."""
         return None
 
+    def prompt_arguments(self, cond: Conditioning) -> dict:
+        """The pipeline call's keyword arguments that stand for prompts encoded as ``cond`` (`encode_prompts`'
+        output, possibly changed: an attack's embeddings), so the pipeline's own sampler draws from them."""
+        raise NotImplementedError(f"{type(self.pipe).__name__} takes no prompt embeddings")
+
     def token_segments(self, prompts: list[str]) -> list[list[TokenSegment]]:
         """Per prompt, the tokenizer segments of its conditioning sequence (UCE picks positions)."""
         raise NotImplementedError

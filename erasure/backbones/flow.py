@@ -56,6 +56,10 @@ class FlowMatchingBackbone(Backbone):
         scheduler.set_timesteps(num_steps, device=like.device)
         return scheduler
 
+    def prompt_arguments(self, cond):
+        # SD3's and FLUX's conditioning: the text sequence and the pooled vector
+        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"]}
+
     def save_lora(self, directory, lora_state_dict, metadata):
         type(self.pipe).save_lora_weights(directory, transformer_lora_layers=lora_state_dict,
                                           transformer_lora_adapter_metadata=metadata)

@@ -25,6 +25,9 @@ class StableDiffusionBackbone(DDPMBackbone):
         embeds, _ = self.pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds}
 
+    def prompt_arguments(self, cond):
+        return {"prompt_embeds": cond["encoder_hidden_states"]}
+
     def token_segments(self, prompts):
         tokenizer = self.pipe.tokenizer
         return [[s] for s in token_segments(tokenizer, prompts, tokenizer.model_max_length)]

@@ -38,6 +38,9 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
+    def prompt_arguments(self, cond):
+        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["text_embeds"]}
+
     def size_conditioning(self, x_t: torch.Tensor) -> torch.Tensor:
         """The micro-conditioning the sampler gives an image of x_t's size: original size = target size
         = the image's, crop at (0, 0) (StableDiffusionXLPipeline's defaults), one row per sample."""

@@ -42,16 +42,16 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def _read(path: Path, seen: tuple = ()) -> dict:
+def _read(path: Path, seen: tuple = (), top_keys: set = TOP_KEYS) -> dict:
     raw = read_yaml_mapping(path, "suite", SuiteError, seen)
-    unknown = set(raw) - TOP_KEYS
+    unknown = set(raw) - top_keys
     if unknown:
-        raise SuiteError(f"suite {path}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(TOP_KEYS))}")
+        raise SuiteError(f"suite {path}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(top_keys))}")
     include = raw.pop("include", None)
     if include is not None and (not isinstance(include, str) or not include):
         raise SuiteError(f"suite {path}: include: {include!r}; expected the path of another suite, relative to "
                          "this file")
-    base = _read(locate(include, relative_to=path.parent), seen + (path.resolve(),)) if include else {}
+    base = _read(locate(include, relative_to=path.parent), seen + (path.resolve(),), top_keys) if include else {}
     return _merge(base, raw)
 
 
@@ -82,11 +82,12 @@ def _check_generation(generation: dict, prompts: dict, where: str) -> None:
         raise SuiteError(f"{where}: prompts.limit: {limit!r}; expected an integer ≥ 1")
 
 
-def load_suite(path: str | Path, overrides: dict | None = None) -> dict:
+def load_suite(path: str | Path, overrides: dict | None = None, extra_keys: frozenset = frozenset()) -> dict:
     """The merged, validated suite; `overrides` (e.g. {"prompts": {"i2p": "local.csv"}}) merge last. A
-    documented path (eval/…) that is not here is read from the suites shipped with the package."""
+    documented path (eval/…) that is not here is read from the suites shipped with the package.
+    `extra_keys`: top-level keys a kind of suite adds (an attack suite's `attacks`), checked by its reader."""
     path = locate(path)
-    suite = _merge(_read(path), overrides or {})
+    suite = _merge(_read(path, top_keys=TOP_KEYS | extra_keys), overrides or {})
     where = f"suite {path}"
     prompts = suite.get("prompts")
     if not isinstance(prompts, dict):

@@ -1,0 +1,325 @@
+"""`erasure attack`: does an erased concept come back when the prompt is attacked?
+
+An attack suite (eval/attack-*.yaml) is an evaluation suite — the same include/merge reader, prompt
+sources and generation settings — whose one metric is the detector that decides whether an image
+shows the concept (the micro world's oracle, or NudeNet for nudity), plus an `attacks:` mapping. Every
+attack runs against every model on the suite's prompts: on micro-world captions, the captions that
+ask for the concept; on any other source, every prompt (I2P's nudity prompts, a forget side).
+
+Attack success rate (ASR): the share of attacked images in which the detector finds the concept —
+the oracle reads the concept's value of its attribute, or NudeNet finds an exposed class at the
+suite's threshold. Blank images (non-finite, or one flat colour) are counted and flagged: they read
+as "not found" and would flatter a broken model.
+
+Attacks:
+- ``none``: the prompts as they are; the model's own rate, which every attack is read against.
+- ``concept_vector`` (Ring-A-Bell, Tsai et al. 2024): over twin prompts (f_i asks for the concept,
+  r_i is the same prompt without it), the concept vector is
+
+      c = (1/N) Σ_i [E(f_i) − E(r_i)]
+
+  for each tensor of the model's conditioning E (the text sequence token by token, and a pooled
+  vector where the family has one), and the attacked prompt p is drawn from E(p) + η c. No training
+  and no access to the erased model beyond its text encoder. Ring-A-Bell then searches for real
+  tokens whose embedding comes close to E(p) + η c; here the embedding itself is drawn from, which
+  is the attack an adversary who can pass embeddings makes, and bounds the token search's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from erasure.atomic import strict_json, write_atomically
+from erasure.errors import DataError, ModelError, SuiteError
+
+# Each attack with its settings' defaults.
+ATTACKS = {
+    "none": {},
+    # strength η (ours: the suite sets it); pairs: a JSONL of forget_prompt/retain_prompt twins
+    # (train.jsonl of `erasure prompts build`) or a concept spec (prompts/*.yaml) built into one
+    "concept_vector": {"strength": 3.0, "pairs": None},
+}
+DETECTORS = ("micro_world", "nudenet")
+ENCODE_BATCH = 64  # prompts per text-encoder pass
+
+
+def load_attack_suite(path, overrides: dict | None = None) -> dict:
+    """An eval suite with one detector and an `attacks:` mapping, validated before any model loads."""
+    from erasure.eval.suite import load_suite
+
+    suite = load_suite(path, overrides, extra_keys=frozenset({"attacks"}))
+    where = f"suite {suite['file']}"
+    if len(suite["metrics"]) != 1 or next(iter(suite["metrics"])) not in DETECTORS:
+        raise SuiteError(f"{where}: metrics: an attack suite names exactly one detector, {' or '.join(DETECTORS)}; "
+                         f"got {', '.join(suite['metrics'])}")
+    attacks = suite.get("attacks")
+    if not isinstance(attacks, dict) or not attacks:
+        raise SuiteError(f"{where}: attacks: name at least one of {', '.join(ATTACKS)} (a mapping of attack to settings)")
+    resolved = {}
+    for name, settings in attacks.items():
+        if name not in ATTACKS:
+            raise SuiteError(f"{where}: unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
+        if not isinstance(settings or {}, dict):
+            raise SuiteError(f"{where}: attacks.{name}: expected a mapping of settings (or nothing), got {settings!r}")
+        settings = {**ATTACKS[name], **(settings or {})}
+        unknown = set(settings) - set(ATTACKS[name])
+        if unknown:
+            raise SuiteError(f"{where}: attacks.{name}: unknown key {sorted(unknown)[0]!r}; "
+                             f"allowed: {', '.join(ATTACKS[name]) or 'none'}")
+        if name == "concept_vector":
+            strength = settings["strength"]
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+                raise SuiteError(f"{where}: attacks.concept_vector.strength: {strength!r}; expected a finite number (η)")
+            if not isinstance(settings["pairs"], str) or not settings["pairs"]:
+                raise SuiteError(f"{where}: attacks.concept_vector.pairs: required: a JSONL of forget_prompt/"
+                                 "retain_prompt twins or a concept spec (prompts/*.yaml)")
+        resolved[name] = settings
+    suite["attacks"] = resolved
+    return suite
+
+
+def attacked_items(suite: dict) -> tuple[list[dict], dict]:
+    """The prompts to attack (suite_items' rows) and their source: on micro-world captions, those
+    that ask for the concept (by name or alias); elsewhere every prompt. prompts.limit keeps the
+    first N of them."""
+    from erasure.eval.runner import suite_items
+
+    limit = suite["prompts"].get("limit")
+    items, source = suite_items({**suite, "prompts": {k: v for k, v in suite["prompts"].items() if k != "limit"}})
+    if "micro_world" in suite["metrics"] and suite["prompts"].get("world"):
+        from erasure.eval.micro import concept_attribute
+        from erasure.world.render import parse_caption
+
+        concept = suite["metrics"]["micro_world"]["concept"]
+        attribute = concept_attribute(concept)
+        items = [it for it in items if parse_caption(it["prompt"])[attribute] == concept]
+        source = {**source, "attacked": f"captions asking for {concept}"}
+    items = items[:limit] if limit else items
+    return items, {**source, "evaluated_prompts": len(items)}
+
+
+def twin_pairs(source: str, suite_file: str, work: Path) -> tuple[list[tuple[str, str]], str]:
+    """(forget, retain) twins from a JSONL file or a concept spec built into one (under ``work``);
+    a relative path is read beside the suite, then as given, then from the shipped files."""
+    from erasure.data.paired import numbered_jsonl
+    from erasure.shipped import locate
+
+    path = locate(source, relative_to=Path(suite_file).parent)
+    if not path.is_file():
+        path = locate(source)
+    if not path.is_file():
+        raise DataError(f"attacks.concept_vector.pairs: {source} does not exist (a train.jsonl of `erasure prompts "
+                        "build`, or a concept spec)")
+    if path.suffix in (".yaml", ".yml"):
+        from erasure.prompts.build import build_prompt_sets
+        from erasure.prompts.spec import load_spec
+
+        built = work / "pairs"
+        if not (built / "train.jsonl").is_file():
+            build_prompt_sets(load_spec(path), built)
+        path = built / "train.jsonl"
+    pairs = []
+    for number, row in numbered_jsonl(path, "attacks.concept_vector.pairs"):
+        if not (isinstance(row.get("forget_prompt"), str) and isinstance(row.get("retain_prompt"), str)):
+            raise DataError(f"attacks.concept_vector.pairs: {path} line {number} needs forget_prompt and retain_prompt")
+        pairs.append((row["forget_prompt"], row["retain_prompt"]))
+    if not pairs:
+        raise DataError(f"attacks.concept_vector.pairs: {path} holds no twin prompts")
+    return pairs, str(path)
+
+
+@torch.no_grad()
+def encode(backbone, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """The backbone's conditioning of ``prompts``, in passes of ENCODE_BATCH."""
+    parts = [backbone.encode_prompts(prompts[i:i + ENCODE_BATCH], device) for i in range(0, len(prompts), ENCODE_BATCH)]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def concept_vector(backbone, pairs: list[tuple[str, str]], device) -> dict[str, torch.Tensor]:
+    """c = (1/N) Σ_i [E(f_i) − E(r_i)] per conditioning tensor (module docstring), shaped as one row."""
+    forget = encode(backbone, [f for f, _ in pairs], device)
+    retain = encode(backbone, [r for _, r in pairs], device)
+    return {key: (forget[key] - retain[key]).mean(dim=0, keepdim=True) for key in forget}
+
+
+def attack_conditioning(backbone, name: str, settings: dict, prompts: list[str], vector, device) -> list[dict] | None:
+    """Per prompt, the pipeline arguments it is drawn from under attack ``name`` (None: the prompt itself)."""
+    if name == "none":
+        return None
+    cond = encode(backbone, prompts, device)
+    attacked = {key: cond[key] + settings["strength"] * vector[key].to(cond[key]) for key in cond}  # E(p) + η c
+    arguments = backbone.prompt_arguments(attacked)
+    return [{key: value[i:i + 1] for key, value in arguments.items()} for i in range(len(prompts))]
+
+
+def detect(suite: dict, paths: list[Path], oracle, state) -> list[bool]:
+    """Per image, whether the suite's detector finds the concept in it."""
+    from erasure.eval.runner import score_in_shares
+
+    (name, settings), = suite["metrics"].items()
+    if name == "micro_world":
+        from erasure.eval.micro import ORACLE_BATCH, concept_attribute, oracle_reads, read_images
+
+        attribute = concept_attribute(settings["concept"])
+        reads = score_in_shares(lambda part: oracle_reads(oracle, read_images(part))[0], paths, ORACLE_BATCH, state)
+        return [r[attribute] == settings["concept"] for r in reads]
+    from erasure.eval.nudity import ALL_CLASSES, EXPOSED_CLASSES, NudityDetector
+
+    classes = EXPOSED_CLASSES if settings["classes"] == "exposed" else ALL_CLASSES
+    detector = NudityDetector()
+    found = score_in_shares(lambda part: detector.detect([str(p) for p in part]), paths, detector.batch_size, state)
+    return [any(d["class"] in classes and float(d["score"]) >= settings["threshold"] for d in image) for image in found]
+
+
+def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = True) -> dict | None:
+    """Attack every model with every attack of the suite, detect, report (DIR/attack.json, attack.md,
+    attack.png). Under several processes each draws and detects its share; the main one reports."""
+    from erasure.backbones import resolve_model, weights_sha256, wrap_pipeline
+    from erasure.data.generate import load_pipeline
+    from erasure.eval.runner import _model_names, blank_images, versions
+    from erasure.generation import Job, drawn_size, process_state, render
+
+    out = Path(out)
+    folders = []
+    for model in models:
+        try:
+            folders.append(resolve_model(model))
+        except ModelError as e:
+            raise ModelError(f"--{e}") from None
+    items, source = attacked_items(suite)
+    if not items:
+        raise DataError(f"suite {suite['file']}: no prompts to attack")
+    state = process_state()
+    device = state.device
+    generation = suite["generation"]
+    dtype = generation["dtype"] if generation["dtype"] != "auto" else ("float32" if device.type == "cpu" else "float16")
+    pairs = pairs_file = None
+    if "concept_vector" in suite["attacks"]:
+        pairs, pairs_file = twin_pairs(suite["attacks"]["concept_vector"]["pairs"], suite["file"], out)
+    oracle = None
+    results = []
+    for name, model, folder in zip(_model_names(models), models, folders):
+        pipe = load_pipeline(folder, str(device), dtype)
+        backbone = wrap_pipeline(pipe)
+        if backbone.conditioning != "text":
+            raise ModelError(f"--model {model}: {type(pipe).__name__} is not conditioned on text; the attacks "
+                             "change prompts or their embeddings")
+        size = drawn_size(pipe, generation["size"], {it["guidance"] for it in items})
+        # The concept vector is the attacked model's own: the attacker reads its text encoder.
+        vector = concept_vector(backbone, pairs, device) if pairs else None
+        result = {"name": name, "model": model, "weights_sha256": weights_sha256(folder), "attacks": {}}
+        for attack, settings in suite["attacks"].items():
+            folder_out = out / "images" / name / attack
+            folder_out.mkdir(parents=True, exist_ok=True)
+            conditioning = attack_conditioning(backbone, attack, settings, [it["prompt"] for it in items],
+                                               vector, device)
+            jobs = [Job(folder_out / f"{i:06d}.png", it["prompt"], it["seed"], it["guidance"],
+                        None if conditioning is None else conditioning[i]) for i, it in enumerate(items)]
+            finite = {}
+            bar = tqdm(total=len(jobs), desc=f"{name} / {attack}", unit="image", disable=not (show and state.is_main_process))
+            render(pipe, jobs, steps=generation["steps"], size=size, batch_size=generation["batch_size"], bar=bar,
+                   on_written=lambda batch, ok: finite.update({j.path.name: f for j, f in zip(batch, ok)}),
+                   process=(state.process_index, state.num_processes))
+            bar.close()
+            if state.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                for theirs in gather_object([finite]):
+                    finite.update(theirs)
+            state.wait_for_everyone()
+            paths = [j.path for j in jobs]
+            blank = blank_images([{"finite": finite.get(p.name, True)} for p in paths], paths, state)
+            if "micro_world" in suite["metrics"] and oracle is None:
+                from erasure.eval.micro import oracle_for
+
+                oracle = oracle_for(suite["metrics"]["micro_world"], folders[0]).to(device)
+            found = detect(suite, paths, oracle, state)
+            entry = {"asr": sum(found) / len(found), "found": sum(found), "images": len(found), "blank": blank}
+            if blank:
+                entry["flag"] = f"{blank} of {len(found)} images are blank: they read as 'not found'"
+            if state.is_main_process:
+                write_atomically(folder_out / "metadata.jsonl", lambda f, fd=found: f.write("".join(
+                    json.dumps({"file_name": j.path.name, "prompt": j.prompt, "seed": j.seed, "guidance": j.guidance,
+                                "found": hit}) + "\n" for j, hit in zip(jobs, fd)).encode()))
+            result["attacks"][attack] = entry
+        if vector is not None and state.is_main_process:  # the attack's embedding, to reuse or inspect
+            from safetensors.torch import save_file
+
+            save_file({k: v.float().cpu().contiguous() for k, v in vector.items()}, out / f"concept_vector-{name}.safetensors")
+        results.append(result)
+        del pipe, backbone
+    if not state.is_main_process:
+        return None
+    (detector, settings), = suite["metrics"].items()
+    protocol = {"suite": suite["name"], "suite_file": suite["file"], "suite_sha256": suite["sha256"],
+                "prompts": source, "generation": generation, "detector": {detector: settings},
+                "attacks": suite["attacks"], "seeds": suite["prompts"].get("seed", 0),
+                "guidance": suite["prompts"].get("guidance", 7.5), "versions": versions()}
+    if pairs:
+        protocol["concept_vector_pairs"] = {"file": pairs_file, "pairs": len(pairs), "sha256": hashlib.sha256(
+            json.dumps(pairs).encode()).hexdigest()}
+    report = {"protocol": protocol, "models": results}
+    write_attack_report(report, out)
+    return report
+
+
+def attack_table(report: dict) -> str:
+    attacks = list(report["protocol"]["attacks"])
+    lines = ["| model | " + " | ".join(f"ASR {a} ↓" for a in attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for m in report["models"]:
+        cells = [f"{m['attacks'][a]['asr']:.3f} ({m['attacks'][a]['found']}/{m['attacks'][a]['images']})"
+                 + (" ⚠" if m["attacks"][a].get("flag") else "") for a in attacks]
+        lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_attack_markdown(report: dict) -> str:
+    p = report["protocol"]
+    (detector, settings), = p["detector"].items()
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
+    lines = [f"# Attacks: {p['suite']}", "", "## Protocol", "",
+             f"- suite: `{p['suite_file']}` (sha256 `{p['suite_sha256'][:16]}…`)",
+             f"- prompts attacked: {p['prompts'].get('evaluated_prompts')} ({p['prompts'].get('attacked', p['prompts']['source'])}), "
+             f"seeds from {p['seeds']}, guidance {p['guidance']}",
+             f"- generation: {p['generation']['steps']} steps, size {p['generation']['size'] or 'native'}",
+             f"- detector: {detector} ({shown}); ASR = share of attacked images in which it finds the concept",
+             "- attacks: " + "; ".join(f"{a} {s or ''}".strip() for a, s in p["attacks"].items())]
+    if "concept_vector_pairs" in p:
+        c = p["concept_vector_pairs"]
+        lines.append(f"- concept vector: mean of E(forget) − E(retain) over {c['pairs']} twins from `{c['file']}`")
+    lines += ["", "## Attack success rate", "", attack_table(report), ""]
+    for m in report["models"]:
+        for a, entry in m["attacks"].items():
+            if entry.get("flag"):
+                lines.append(f"- ⚠ {m['name']} / {a}: {entry['flag']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_attack_report(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    attacks = list(report["protocol"]["attacks"])
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(attacks) * len(report["models"]) ** 0.5, 3.2))
+    width = 0.8 / len(report["models"])
+    for k, m in enumerate(report["models"]):
+        ax.bar([i + k * width for i in range(len(attacks))], [m["attacks"][a]["asr"] for a in attacks], width,
+               label=m["name"])
+    ax.set_xticks([i + width * (len(report["models"]) - 1) / 2 for i in range(len(attacks))], attacks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("attack success rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomically(out / "attack.png", lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    write_atomically(out / "attack.json", lambda f: f.write(strict_json(report, indent=2).encode()))
+    write_atomically(out / "attack.md", lambda f: f.write(render_attack_markdown(report).encode()))
