@@ -55,8 +55,14 @@ def test_attack_on_the_world_reports_asr_with_its_protocol(tmp_path, capsys):
     """On the base world, captions asking for striped draw stripes (ASR of `none` near the world's
     rate, ≈ 0.9), and the concept vector changes what it draws."""
     out = tmp_path / "attack"
-    cli(["attack", "--suite", "eval/attack-micro-striped.yaml", "--model", "world:micro", "--out", str(out),
-         "--limit", "24", "--steps", "4"])
+    # The shipped suite without its textual inversion (tested below on a small image set: the shipped
+    # one takes minutes to draw into the tests' fresh cache).
+    suite = tmp_path / "attack-micro-striped.yaml"
+    shipped = yaml.safe_load((REPO / "eval/attack-micro-striped.yaml").read_text())
+    shipped["include"] = str(REPO / "eval" / shipped["include"])
+    shipped["attacks"].pop("textual_inversion")
+    suite.write_text(yaml.safe_dump(shipped, sort_keys=False))
+    cli(["attack", "--suite", str(suite), "--model", "world:micro", "--out", str(out), "--limit", "24", "--steps", "4"])
     printed = capsys.readouterr().out
     assert "| model | ASR none ↓ | ASR concept_vector ↓ |" in printed
     report = json.loads((out / "attack.json").read_text())
@@ -87,7 +93,8 @@ def test_textual_inversion_trains_only_the_placeholder_rows(family, tiny_models)
               for k, v in getattr(backbone.pipe, name).state_dict().items()}
     settings = {"images": "tiny:forget", "steps": 2, "learning_rate": 0.05, "batch_size": 2, "seed": 0,
                 "token": "<nude>", "init": None}
-    learned = learn_token_embedding(backbone, settings, ["nude"], "cpu", show=False)
+    learned, record = learn_token_embedding(backbone, settings, ["nude"], "cpu", show=False)
+    assert record["images"]["source"] == "tiny:forget" and record["loss_last_quarter"] > 0
     moved = set()
     for name in learned:
         encoder, tokenizer = getattr(backbone.pipe, name), getattr(backbone.pipe, name.replace("text_encoder", "tokenizer"))
@@ -139,7 +146,7 @@ def test_textual_inversion_on_the_world_learns_a_word_that_draws(tmp_path, capsy
     assert "| model | ASR none ↓ | ASR textual_inversion ↓ |" in capsys.readouterr().out
     report = json.loads((out / "attack.json").read_text())
     entry = report["models"][0]["attacks"]["textual_inversion"]
-    assert entry["images"] == 8 and 0 <= entry["asr"] <= 1
+    assert entry["images"] == 8 and 0 <= entry["asr"] <= 1 and entry["training"]["images"]["rows"] == 8
     folder = out / "images" / "0-world-micro"
     rows = [json.loads(line) for line in (folder / "textual_inversion" / "metadata.jsonl").read_text().splitlines()]
     assert all("<concept>" in r["prompt"] and "striped" not in r["prompt"] and "banded" not in r["prompt"] for r in rows)
@@ -148,6 +155,7 @@ def test_textual_inversion_on_the_world_learns_a_word_that_draws(tmp_path, capsy
     assert (none != attacked).any()
     embedding = load_file(out / "textual_inversion-0-world-micro.safetensors")
     assert list(embedding) == ["<concept>"] and embedding["<concept>"].ndim == 2
+    assert "learned on 8 images" in (out / "attack.md").read_text()
 
 
 def test_attack_with_nudenet_on_a_tiny_model(tiny_sd1, tmp_path):

@@ -256,13 +256,15 @@ def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = Tr
             folder_out = out / "images" / name / attack
             folder_out.mkdir(parents=True, exist_ok=True)
             prompts = [it["prompt"] for it in items]
+            record = None
             if attack == "textual_inversion":
                 from erasure.eval.textual_inversion import (concept_words, embedding_file,
                                                             learn_token_embedding, placeholder_prompt)
 
                 words = concept_words(suite, settings)
                 # Every process learns the same embedding (same seed, same rows): no broadcast needed.
-                learned = learn_token_embedding(backbone, settings, words, device, show and state.is_main_process)
+                learned, record = learn_token_embedding(backbone, settings, words, device,
+                                                        show and state.is_main_process)
                 prompts = [placeholder_prompt(p, words, settings["token"]) for p in prompts]
                 if state.is_main_process:  # the attack's embedding, loadable with load_textual_inversion
                     from safetensors.torch import save_file
@@ -292,6 +294,8 @@ def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = Tr
                 oracle = oracle_for(suite["metrics"]["micro_world"], folders[0]).to(device)
             found = detect(suite, paths, oracle, state)
             entry = {"asr": sum(found) / len(found), "found": sum(found), "images": len(found), "blank": blank}
+            if record:
+                entry["training"] = record
             if blank:
                 entry["flag"] = f"{blank} of {len(found)} images are blank: they read as 'not found'"
             if state.is_main_process:
@@ -347,6 +351,11 @@ def render_attack_markdown(report: dict) -> str:
     lines += ["", "## Attack success rate", "", attack_table(report), ""]
     for m in report["models"]:
         for a, entry in m["attacks"].items():
+            if entry.get("training"):
+                t = entry["training"]
+                lines.append(f"- {m['name']} / {a}: learned on {t['images']['rows']} images of `{t['images']['source']}`; "
+                             f"denoising loss {t['loss_first_quarter']:.4f} (first quarter of the steps) → "
+                             f"{t['loss_last_quarter']:.4f} (last quarter)")
             if entry.get("flag"):
                 lines.append(f"- ⚠ {m['name']} / {a}: {entry['flag']}")
     return "\n".join(lines) + "\n"

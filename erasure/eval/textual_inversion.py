@@ -77,9 +77,10 @@ def add_placeholder(pipe, token: str, init: str) -> list[tuple[str, torch.nn.Mod
     return added
 
 
-def learn_token_embedding(backbone, settings: dict, words: list[str], device, show: bool = True) -> dict:
+def learn_token_embedding(backbone, settings: dict, words: list[str], device, show: bool = True) -> tuple[dict, dict]:
     """v* by the erased model's denoising loss (module docstring). Leaves S* in the pipeline's
-    tokenizers and its learned rows in the encoders; returns {encoder name: v* shaped (1, d)}."""
+    tokenizers and its learned rows in the encoders; returns {encoder name: v* shaped (1, d)} and the
+    record of the run (the image set, the mean loss over the first and the last quarter of the steps)."""
     from erasure.data.paired import load_prompt_image_set
     from erasure.methods.objectives import denoising_loss
     from erasure.trainer import batch_rows, encode_images, step_generator
@@ -108,6 +109,7 @@ def learn_token_embedding(backbone, settings: dict, words: list[str], device, sh
     optimizer = torch.optim.AdamW(tables, lr=settings["learning_rate"], betas=ADAM_BETAS,
                                   weight_decay=WEIGHT_DECAY, eps=ADAM_EPSILON)
     seed, batch = settings["seed"], settings["batch_size"]
+    losses = []
     for step in tqdm(range(settings["steps"]), desc="textual inversion", unit="step", disable=not show):
         rows = batch_rows(len(data), batch, step, seed, SALT)
         generator = step_generator(seed, step, SALT)
@@ -120,13 +122,17 @@ def learn_token_embedding(backbone, settings: dict, words: list[str], device, sh
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
         with torch.no_grad():
             for table, keep, original in zip(tables, frozen, originals):
                 table[keep] = original
     for table in tables:
         table.requires_grad_(False)
+    quarter = max(1, len(losses) // 4)
+    record = {"images": data.describe(), "loss_first_quarter": sum(losses[:quarter]) / quarter,
+              "loss_last_quarter": sum(losses[-quarter:]) / quarter}
     return {name: encoder.get_input_embeddings().weight[row:row + 1].detach().float().cpu().clone()
-            for name, encoder, row in added}
+            for name, encoder, row in added}, record
 
 
 def embedding_file(learned: dict, token: str, family: str) -> dict[str, torch.Tensor]:
