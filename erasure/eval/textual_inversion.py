@@ -94,23 +94,10 @@ def learn_token_embedding(backbone, settings: dict, words: list[str], device, sh
     mean, std = encode_images(backbone, data, backbone.native_resolution(), device, show)
     added = add_placeholder(pipe, token, settings["init"] or words[0])
 
-    backbone.denoiser.requires_grad_(False)
-    for module in backbone.encoders:
-        module.requires_grad_(False)
-    tables = [encoder.get_input_embeddings().weight for _, encoder, _ in added]
-    for table in tables:
-        table.requires_grad_(True)
-    # AdamW's weight decay reaches every row of a table; the rows other than S*'s are put back after
-    # each step (as diffusers' example does), so only v_k ever changes.
-    frozen = [torch.ones(len(t), dtype=torch.bool, device=t.device) for t in tables]
-    for keep, (_, _, row) in zip(frozen, added):
-        keep[row] = False
-    originals = [t.detach()[keep].clone() for t, keep in zip(tables, frozen)]
-    optimizer = torch.optim.AdamW(tables, lr=settings["learning_rate"], betas=ADAM_BETAS,
-                                  weight_decay=WEIGHT_DECAY, eps=ADAM_EPSILON)
+    tables = [(encoder.get_input_embeddings().weight, [row]) for _, encoder, row in added]
     seed, batch = settings["seed"], settings["batch_size"]
-    losses = []
-    for step in tqdm(range(settings["steps"]), desc="textual inversion", unit="step", disable=not show):
+
+    def step_loss(step: int) -> torch.Tensor:
         rows = batch_rows(len(data), batch, step, seed, SALT)
         generator = step_generator(seed, step, SALT)
         latent_noise = torch.randn(mean[rows].shape, generator=generator)
@@ -118,21 +105,46 @@ def learn_token_embedding(backbone, settings: dict, words: list[str], device, sh
         noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
         timesteps = backbone.sample_timesteps(len(rows), generator).to(device)
         cond = backbone.encode_prompts_differentiably([prompts[i] for i in rows], device)
-        loss = denoising_loss(backbone, backbone.denoiser, x0, noise, timesteps, cond)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        with torch.no_grad():
-            for table, keep, original in zip(tables, frozen, originals):
-                table[keep] = original
-    for table in tables:
-        table.requires_grad_(False)
+        return denoising_loss(backbone, backbone.denoiser, x0, noise, timesteps, cond)
+
+    losses = train_rows(backbone, tables, settings["steps"], settings["learning_rate"], WEIGHT_DECAY, step_loss,
+                        "textual inversion", show)
     quarter = max(1, len(losses) // 4)
     record = {"images": data.describe(), "loss_first_quarter": sum(losses[:quarter]) / quarter,
               "loss_last_quarter": sum(losses[-quarter:]) / quarter}
     return {name: encoder.get_input_embeddings().weight[row:row + 1].detach().float().cpu().clone()
             for name, encoder, row in added}, record
+
+
+def train_rows(backbone, tables: list[tuple[torch.Tensor, list[int]]], steps: int, learning_rate: float,
+               weight_decay: float, step_loss, desc: str, show: bool) -> list[float]:
+    """Minimise ``step_loss(step)`` over the given rows of embedding tables, everything else frozen;
+    the losses per step. AdamW's weight decay reaches every row of a table, so the other rows are put
+    back after each step (as diffusers' textual_inversion example does): only the given rows change."""
+    backbone.denoiser.requires_grad_(False)
+    for module in backbone.encoders:
+        module.requires_grad_(False)
+    frozen = []
+    for table, rows in tables:
+        table.requires_grad_(True)
+        keep = torch.ones(len(table), dtype=torch.bool, device=table.device)
+        keep[rows] = False
+        frozen.append((keep, table.detach()[keep].clone()))
+    optimizer = torch.optim.AdamW([t for t, _ in tables], lr=learning_rate, betas=ADAM_BETAS,
+                                  weight_decay=weight_decay, eps=ADAM_EPSILON)
+    losses = []
+    for step in tqdm(range(steps), desc=desc, unit="step", disable=not show):
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        with torch.no_grad():
+            for (table, _), (keep, original) in zip(tables, frozen):
+                table[keep] = original
+    for table, _ in tables:
+        table.requires_grad_(False)
+    return losses
 
 
 def embedding_file(learned: dict, token: str, family: str) -> dict[str, torch.Tensor]:
