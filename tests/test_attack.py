@@ -13,9 +13,10 @@ from PIL import Image
 from conftest import REPO, TEXT_FAMILIES
 from erasure.backbones import load_backbone
 from erasure.cli import main as cli
-from erasure.errors import SuiteError
+from erasure.errors import ModelError, SuiteError
 from erasure.eval.attack import attack_conditioning, concept_vector, load_attack_suite
 from erasure.eval.textual_inversion import learn_token_embedding, placeholder_prompt
+from erasure.eval.token_optimisation import optimise_prompts
 from erasure.generation import draw
 
 TWINS = [("a photo of a nude person on a beach", "a photo of a person on a beach"),
@@ -55,12 +56,13 @@ def test_attack_on_the_world_reports_asr_with_its_protocol(tmp_path, capsys):
     """On the base world, captions asking for striped draw stripes (ASR of `none` near the world's
     rate, ≈ 0.9), and the concept vector changes what it draws."""
     out = tmp_path / "attack"
-    # The shipped suite without its textual inversion (tested below on a small image set: the shipped
-    # one takes minutes to draw into the tests' fresh cache).
+    # The shipped suite without the attacks that train (tested below on a small image set: the
+    # shipped one takes minutes to draw into the tests' fresh cache).
     suite = tmp_path / "attack-micro-striped.yaml"
     shipped = yaml.safe_load((REPO / "eval/attack-micro-striped.yaml").read_text())
     shipped["include"] = str(REPO / "eval" / shipped["include"])
     shipped["attacks"].pop("textual_inversion")
+    shipped["attacks"].pop("token_optimisation")
     suite.write_text(yaml.safe_dump(shipped, sort_keys=False))
     cli(["attack", "--suite", str(suite), "--model", "world:micro", "--out", str(out), "--limit", "24", "--steps", "4"])
     printed = capsys.readouterr().out
@@ -118,16 +120,11 @@ def test_textual_inversion_trains_only_the_placeholder_rows(family, tiny_models)
     assert placeholder_prompt("a figure", ["nude"], "<nude>") == "<nude> a figure"
 
 
-def test_textual_inversion_on_the_world_learns_a_word_that_draws(tmp_path, capsys):
-    """On the world (a few steps, 8 captions), the attacked captions carry S* in place of striped and
-    banded, the learned embedding is saved in load_textual_inversion's layout, and the images differ
-    from the plain captions'."""
-    from safetensors.torch import load_file
-
+def striped_images(tmp_path):
+    """Eight striped images from the world's renderer, captioned as the world captions them (the
+    shipped world:striped/forget set takes minutes to draw into the tests' fresh cache)."""
     from erasure.world.render import caption, render, sample_attributes
 
-    # Eight striped images from the world's renderer, captioned as the world captions them (the
-    # shipped world:striped/forget set takes minutes to draw into the tests' fresh cache).
     forget = tmp_path / "forget"
     forget.mkdir()
     rng = np.random.default_rng(0)
@@ -137,6 +134,16 @@ def test_textual_inversion_on_the_world_learns_a_word_that_draws(tmp_path, capsy
         Image.fromarray(render(attrs, rng)).save(forget / f"{i}.png")
         rows.append({"file_name": f"{i}.png", "prompt": caption(attrs, aliased=("texture",) if i % 2 else ())})
     (forget / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return forget
+
+
+def test_textual_inversion_on_the_world_learns_a_word_that_draws(tmp_path, capsys):
+    """On the world (a few steps, 8 captions), the attacked captions carry S* in place of striped and
+    banded, the learned embedding is saved in load_textual_inversion's layout, and the images differ
+    from the plain captions'."""
+    from safetensors.torch import load_file
+
+    forget = striped_images(tmp_path)
     suite = tmp_path / "ti.yaml"
     suite.write_text(yaml.safe_dump({"include": str(REPO / "eval/micro-striped.yaml"), "attacks": {
         "none": {}, "textual_inversion": {"images": str(forget), "steps": 3, "batch_size": 4,
@@ -156,6 +163,65 @@ def test_textual_inversion_on_the_world_learns_a_word_that_draws(tmp_path, capsy
     embedding = load_file(out / "textual_inversion-0-world-micro.safetensors")
     assert list(embedding) == ["<concept>"] and embedding["<concept>"].ndim == 2
     assert "learned on 8 images" in (out / "attack.md").read_text()
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_token_optimisation_projects_to_real_tokens(family, tiny_models):
+    """K rows are optimised per prompt and projected to their nearest ordinary tokens (summed over
+    SDXL's two CLIPs); no other weight moves. A pipeline whose tokenizers differ (T5) is refused."""
+    backbone = load_backbone(tiny_models[family])
+    settings = {"images": "tiny:forget", "tokens": 3, "steps": 2, "learning_rate": 0.05, "weight_decay": 0.1, "seed": 0}
+    prompts = ["a photo of a person", "a figure, oil painting"]
+    if family in ("sd3", "flux"):
+        with pytest.raises(ModelError, match="tokenizers of different vocabularies"):
+            optimise_prompts(backbone, settings, prompts, "cpu", show=False)
+        return
+    encoders = [e for e in (backbone.pipe.text_encoder, getattr(backbone.pipe, "text_encoder_2", None)) if e is not None]
+    before = [e.get_input_embeddings().weight.clone() for e in encoders] + \
+             [p.clone() for p in backbone.denoiser.parameters()]
+    attacked, record = optimise_prompts(backbone, settings, prompts, "cpu", show=False)
+    tokenizer = backbone.pipe.tokenizer
+    for prompt, text, row in zip(prompts, attacked, record["prompts"]):
+        assert text.endswith(prompt) and text != prompt and len(row["token_ids"]) == 3
+        assert tokenizer(text, add_special_tokens=False)["input_ids"][:3] == row["token_ids"]
+        assert not set(row["token_ids"]) & set(tokenizer.all_special_ids)
+        assert all(i < len(before[0]) for i in row["token_ids"])  # ordinary tokens, not the placeholders
+        assert "<adversarial" not in text
+    tables = [e.get_input_embeddings().weight for e in encoders]
+    for old, new in zip(before, tables):
+        assert torch.equal(old, new[:len(old)])  # the vocabulary's rows are the model's own
+    rows = [tokenizer.convert_tokens_to_ids(f"<adversarial-{k}>") for k in range(3)]
+    ids = record["prompts"][-1]["token_ids"]
+    candidates = [i for i in range(len(before[0])) if i not in set(tokenizer.all_special_ids)
+                  and tokenizer(tokenizer.decode([i]), add_special_tokens=False)["input_ids"] == [i]]
+    distance = sum(((t[rows][:, None] - t[candidates][None]) ** 2).sum(-1) for t in tables)
+    assert ids == [candidates[j] for j in distance.argmin(1).tolist()]  # j_k = argmin Σ ‖a_k − W[j]‖²
+    for old, new in zip(before[len(encoders):], backbone.denoiser.parameters()):
+        assert torch.equal(old, new)
+
+
+def test_token_optimisation_on_the_world_draws_real_prompts(tmp_path, capsys):
+    """On the world (2 steps, 8 captions): the attacked captions are real words in front of the
+    caption, kept in metadata.jsonl and the report, and they draw other images than the captions."""
+    from erasure.world.model import world_tokenizer
+
+    suite = tmp_path / "to.yaml"
+    suite.write_text(yaml.safe_dump({"include": str(REPO / "eval/micro-striped.yaml"), "attacks": {
+        "none": {}, "token_optimisation": {"images": str(striped_images(tmp_path)), "steps": 2}}}))
+    out = tmp_path / "attack"
+    cli(["attack", "--suite", str(suite), "--model", "world:micro", "--out", str(out), "--limit", "8", "--steps", "4"])
+    assert "| model | ASR none ↓ | ASR token_optimisation ↓ |" in capsys.readouterr().out
+    entry = json.loads((out / "attack.json").read_text())["models"][0]["attacks"]["token_optimisation"]
+    assert entry["images"] == 8 and len(entry["training"]["prompts"]) == 8
+    folder = out / "images" / "0-world-micro"
+    rows = [json.loads(line) for line in (folder / "token_optimisation" / "metadata.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (folder / "none" / "metadata.jsonl").read_text().splitlines()]
+    for row, original, recorded in zip(rows, plain, entry["training"]["prompts"]):
+        assert row["prompt"] == recorded["attacked_prompt"] and row["prompt"].endswith(original["prompt"])
+        assert world_tokenizer()(row["prompt"], add_special_tokens=False)["input_ids"][:5] == recorded["token_ids"]  # typed, read as projected
+    none, attacked = (np.stack([np.asarray(Image.open(p)) for p in sorted((folder / a).glob("*.png"))])
+                      for a in ("none", "token_optimisation"))
+    assert (none != attacked).any()
 
 
 def test_attack_with_nudenet_on_a_tiny_model(tiny_sd1, tmp_path):
@@ -178,7 +244,10 @@ def test_attack_with_nudenet_on_a_tiny_model(tiny_sd1, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"attacks": {"ring": {}}}, "unknown attack 'ring'; known attacks: none, concept_vector, textual_inversion"),
+    ({"attacks": {"ring": {}}}, "unknown attack 'ring'; known attacks: none, concept_vector, textual_inversion, "
+                               "token_optimisation"),
+    ({"attacks": {"token_optimisation": {"images": "x", "tokens": 0}}}, "token_optimisation.tokens: 0"),
+    ({"attacks": {"token_optimisation": {"images": "x", "weight_decay": -1}}}, "token_optimisation.weight_decay"),
     ({"attacks": {"textual_inversion": {}}}, "attacks.textual_inversion.images: required"),
     ({"attacks": {"textual_inversion": {"images": "x", "steps": 0}}}, "textual_inversion.steps: 0; expected a whole"),
     ({"attacks": {"textual_inversion": {"images": "x", "token": "two words"}}}, "textual_inversion.token"),

@@ -27,6 +27,10 @@ Attacks:
   model from forget images by its own denoising loss; the attacked prompt is the prompt with the
   concept's words replaced by S* (erasure/eval/textual_inversion.py). White-box: the attacker reads
   the erased denoiser's gradients, and changes no weight.
+- ``token_optimisation`` (UnlearnDiffAtk, Zhang et al. 2024): per prompt, K tokens in front of it
+  whose embeddings are optimised by the erased model's denoising loss on a target image of the
+  concept, then projected to the nearest real tokens: the attacked prompt is real text
+  (erasure/eval/token_optimisation.py). White-box, as textual inversion.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ ATTACKS = {
     # and its alias; required with nudenet, e.g. "nude").
     "textual_inversion": {"images": None, "steps": 3000, "learning_rate": 2e-3, "batch_size": 4, "seed": 0,
                           "token": "<concept>", "init": None, "concept": None},
+    # images: the forget image set the target images come from. tokens K = 5, steps 40, learning_rate
+    # 0.01, weight_decay 0.1: UnlearnDiffAtk's settings (Zhang et al. 2024, §4 and their released
+    # configuration); seed: ours.
+    "token_optimisation": {"images": None, "tokens": 5, "steps": 40, "learning_rate": 0.01, "weight_decay": 0.1,
+                           "seed": 0},
 }
 DETECTORS = ("micro_world", "nudenet")
 ENCODE_BATCH = 64  # prompts per text-encoder pass
@@ -93,16 +102,19 @@ def load_attack_suite(path, overrides: dict | None = None) -> dict:
                                  "retain_prompt twins or a concept spec (prompts/*.yaml)")
         if name == "textual_inversion":
             check_textual_inversion(settings, suite, f"{where}: attacks.textual_inversion")
+        if name == "token_optimisation":
+            check_token_optimisation(settings, f"{where}: attacks.token_optimisation")
         resolved[name] = settings
     suite["attacks"] = resolved
     return suite
 
 
-def check_textual_inversion(settings: dict, suite: dict, where: str) -> None:
+def check_training(settings: dict, where: str, counts: tuple[str, ...]) -> None:
+    """The settings every optimising attack shares: images, counts ≥ 1, a positive learning rate, a seed."""
     if not isinstance(settings["images"], str) or not settings["images"]:
         raise SuiteError(f"{where}.images: required: a forget image set (a folder with metadata.jsonl, "
                          "or world:<concept>/forget)")
-    for key in ("steps", "batch_size"):
+    for key in counts:
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SuiteError(f"{where}.{key}: {value!r}; expected a whole number ≥ 1")
@@ -111,6 +123,17 @@ def check_textual_inversion(settings: dict, suite: dict, where: str) -> None:
         raise SuiteError(f"{where}.learning_rate: {rate!r}; expected a positive number")
     if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int):
         raise SuiteError(f"{where}.seed: {settings['seed']!r}; expected a whole number")
+
+
+def check_token_optimisation(settings: dict, where: str) -> None:
+    check_training(settings, where, ("tokens", "steps"))
+    decay = settings["weight_decay"]
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
+        raise SuiteError(f"{where}.weight_decay: {decay!r}; expected a number ≥ 0")
+
+
+def check_textual_inversion(settings: dict, suite: dict, where: str) -> None:
+    check_training(settings, where, ("steps", "batch_size"))
     if not isinstance(settings["token"], str) or not settings["token"].strip() or " " in settings["token"]:
         raise SuiteError(f"{where}.token: {settings['token']!r}; expected one placeholder word such as '<concept>'")
     for key in ("init", "concept"):
@@ -187,8 +210,9 @@ def concept_vector(backbone, pairs: list[tuple[str, str]], device) -> dict[str, 
 
 def attack_conditioning(backbone, name: str, settings: dict, prompts: list[str], vector, device) -> list[dict] | None:
     """Per prompt, the pipeline arguments it is drawn from under attack ``name`` (None: the prompt itself;
-    textual inversion's prompts carry S*, which the pipeline's tokenizers and encoders now know)."""
-    if name in ("none", "textual_inversion"):
+    textual inversion's prompts carry S*, which the pipeline's tokenizers and encoders now know;
+    token optimisation's are real text)."""
+    if name in ("none", "textual_inversion", "token_optimisation"):
         return None
     cond = encode(backbone, prompts, device)
     attacked = {key: cond[key] + settings["strength"] * vector[key].to(cond[key]) for key in cond}  # E(p) + η c
@@ -271,6 +295,12 @@ def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = Tr
 
                     save_file(embedding_file(learned, settings["token"], backbone.family),
                               out / f"textual_inversion-{name}.safetensors")
+            elif attack == "token_optimisation":
+                from erasure.eval.token_optimisation import optimise_prompts
+
+                # The projected prompts are real text, drawn as text (metadata.jsonl keeps them, and
+                # the report each prompt's token ids).
+                prompts, record = optimise_prompts(backbone, settings, prompts, device, show and state.is_main_process)
             conditioning = attack_conditioning(backbone, attack, settings, prompts, vector, device)
             jobs = [Job(folder_out / f"{i:06d}.png", prompts[i], it["seed"], it["guidance"],
                         None if conditioning is None else conditioning[i]) for i, it in enumerate(items)]

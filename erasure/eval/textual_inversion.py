@@ -52,10 +52,11 @@ def placeholder_prompt(prompt: str, words: list[str], token: str) -> str:
     return replaced if count else f"{token} {prompt}"
 
 
-def add_placeholder(pipe, token: str, init: str) -> list[tuple[str, torch.nn.Module, int]]:
+def add_placeholder(pipe, token: str, init: str | None) -> list[tuple[str, torch.nn.Module, int]]:
     """S* in every loaded tokenizer, and its row in the encoder that reads the tokenizer's ids, set to
     the mean of ``init``'s token rows (diffusers' example takes one initializer token; a word that
-    the tokenizer splits is averaged here). Returns (encoder name, encoder, row) per encoder."""
+    the tokenizer splits is averaged here; None leaves the row for the caller to set). Returns
+    (encoder name, encoder, row) per encoder."""
     added = []
     for tokenizer_name, encoder_name in TOKENIZED_ENCODERS:
         tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
@@ -66,14 +67,20 @@ def add_placeholder(pipe, token: str, init: str) -> list[tuple[str, torch.nn.Mod
                             f"{tokenizer_name}; choose a placeholder it does not know, such as '<concept>'")
         row = tokenizer.convert_tokens_to_ids(token)
         if row >= encoder.get_input_embeddings().num_embeddings:  # T5's table has spare rows already
-            encoder.resize_token_embeddings(row + 1)
+            encoder.resize_token_embeddings(row + 1, mean_resizing=False)  # the row is set below
+            # transformers swaps the grown table into the same Parameter, whose autograd node still
+            # has the old shape after a second resize: a fresh Parameter trains cleanly.
+            embedding = encoder.get_input_embeddings()
+            embedding.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+        added.append((encoder_name, encoder, row))
+        if init is None:
+            continue
         table = encoder.get_input_embeddings().weight
         init_ids = [i for i in tokenizer(init, add_special_tokens=False)["input_ids"] if i != row]
         if not init_ids:
             raise DataError(f"attacks.textual_inversion.init: {init!r} has no token in {tokenizer_name}")
         with torch.no_grad():
             table[row] = table[init_ids].mean(0)
-        added.append((encoder_name, encoder, row))
     return added
 
 
