@@ -16,7 +16,7 @@ from erasure.cli import main as cli
 from erasure.errors import ModelError, SuiteError
 from erasure.eval.attack import attack_conditioning, concept_vector, load_attack_suite
 from erasure.eval.textual_inversion import learn_token_embedding, placeholder_prompt
-from erasure.eval.token_optimisation import optimise_prompts
+from erasure.eval.token_optimisation import optimise_prompts, ordinary_tokens
 from erasure.generation import draw
 
 TWINS = [("a photo of a nude person on a beach", "a photo of a person on a beach"),
@@ -116,6 +116,9 @@ def test_textual_inversion_trains_only_the_placeholder_rows(family, tiny_models)
             assert torch.equal(value, after[key]), key
         else:  # the table grew by S*'s row: the old rows are the same
             assert torch.equal(value, after[key][:len(value)]), key
+    if family == "sd1":  # the same seed learns the same row
+        again, _ = learn_token_embedding(load_backbone(tiny_models[family]), settings, ["nude"], "cpu", show=False)
+        assert torch.equal(again["text_encoder"], learned["text_encoder"])
     assert placeholder_prompt("a nude figure", ["nude"], "<nude>") == "a <nude> figure"
     assert placeholder_prompt("a figure", ["nude"], "<nude>") == "<nude> a figure"
 
@@ -192,12 +195,14 @@ def test_token_optimisation_projects_to_real_tokens(family, tiny_models):
         assert torch.equal(old, new[:len(old)])  # the vocabulary's rows are the model's own
     rows = [tokenizer.convert_tokens_to_ids(f"<adversarial-{k}>") for k in range(3)]
     ids = record["prompts"][-1]["token_ids"]
-    candidates = [i for i in range(len(before[0])) if i not in set(tokenizer.all_special_ids)
-                  and tokenizer(tokenizer.decode([i]), add_special_tokens=False)["input_ids"] == [i]]
+    candidates = ordinary_tokens(tokenizer, len(before[0])).tolist()
+    assert not set(candidates) & set(tokenizer.all_special_ids) and len(candidates) > 1000
     distance = sum(((t[rows][:, None] - t[candidates][None]) ** 2).sum(-1) for t in tables)
     assert ids == [candidates[j] for j in distance.argmin(1).tolist()]  # j_k = argmin Σ ‖a_k − W[j]‖²
     for old, new in zip(before[len(encoders):], backbone.denoiser.parameters()):
         assert torch.equal(old, new)
+    if family == "sd1":  # the same seed finds the same tokens
+        assert optimise_prompts(load_backbone(tiny_models[family]), settings, prompts, "cpu", show=False)[0] == attacked
 
 
 def test_token_optimisation_on_the_world_draws_real_prompts(tmp_path, capsys):
