@@ -205,6 +205,17 @@ def test_token_optimisation_projects_to_real_tokens(family, tiny_models):
         assert optimise_prompts(load_backbone(tiny_models[family]), settings, prompts, "cpu", show=False)[0] == attacked
 
 
+def test_projection_never_lands_on_a_placeholder():
+    """Textual inversion's S* (or any added token) is no real word for token optimisation to project on."""
+    from erasure.world.model import world_tokenizer
+
+    tokenizer = world_tokenizer()
+    tokenizer.add_tokens("<concept>")
+    ids = ordinary_tokens(tokenizer, len(tokenizer)).tolist()
+    assert tokenizer.convert_tokens_to_ids("<concept>") not in ids and not set(ids) & set(tokenizer.all_special_ids)
+    assert tokenizer.convert_tokens_to_ids("striped</w>") in ids
+
+
 def test_token_optimisation_on_the_world_draws_real_prompts(tmp_path, capsys):
     """On the world (2 steps, 8 captions): the attacked captions are real words in front of the
     caption, kept in metadata.jsonl and the report, and they draw other images than the captions."""

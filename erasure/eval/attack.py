@@ -60,9 +60,9 @@ ATTACKS = {
     # and its alias; required with nudenet, e.g. "nude").
     "textual_inversion": {"images": None, "steps": 3000, "learning_rate": 2e-3, "batch_size": 4, "seed": 0,
                           "token": "<concept>", "init": None, "concept": None},
-    # images: the forget image set the target images come from. tokens K = 5, steps 40, learning_rate
-    # 0.01, weight_decay 0.1: UnlearnDiffAtk's settings (Zhang et al. 2024, §4 and their released
-    # configuration); seed: ours.
+    # images: the forget image set the target images come from. tokens K = 5 and steps 40 per prompt:
+    # UnlearnDiffAtk's setting (Zhang et al. 2024); learning_rate 0.01 and weight_decay 0.1 as we read
+    # their released attack configuration (not re-checked offline); seed: ours.
     "token_optimisation": {"images": None, "tokens": 5, "steps": 40, "learning_rate": 0.01, "weight_decay": 0.1,
                            "seed": 0},
 }

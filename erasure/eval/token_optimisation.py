@@ -16,8 +16,9 @@ textual inversion, on one image). Each a_k is then projected to its nearest real
 over the vocabulary's ordinary tokens (W: each encoder's embedding table; the sum runs over every
 encoder that reads the prompt, which must share one vocabulary, as SDXL's two CLIPs do), and the
 attacked prompt is those tokens' text followed by p: a real prompt that anyone can type, drawn as
-text. The projection is made once, after the optimisation (UnlearnDiffAtk's released code projects
-during it, PEZ-style; ours is the simpler bound from below on what that finds).
+text. The projection is made once, after the optimisation (ours, as issue 15 asks; a projection
+during it, as PEZ (Wen et al. 2023) does, may find better tokens, so this ASR bounds the method's
+from below).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def ordinary_tokens(tokenizer, rows: int) -> torch.Tensor:
     """Ids a projection may land on: the tokens whose text tokenizes back to themselves alone (ours:
     CLIP's whole words, not its byte pieces or word starts, so the attacked prompt typed as text is
     read as the projected ids), without special tokens (start, end, padding)."""
-    special = set(tokenizer.all_special_ids)
+    # Added tokens are excluded too: another attack's placeholder (textual inversion's S*) is no real word.
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     ids = [i for i in range(min(len(tokenizer), rows)) if i not in special]
     texts = tokenizer.batch_decode([[i] for i in ids])
     again = tokenizer(texts, add_special_tokens=False)["input_ids"]
