@@ -15,7 +15,7 @@ from erasure.backbones import load_backbone
 from erasure.cli import main as cli
 from erasure.errors import ModelError, SuiteError
 from erasure.eval.attack import attack_conditioning, concept_vector, load_attack_suite
-from erasure.eval.textual_inversion import learn_token_embedding, placeholder_prompt
+from erasure.eval.textual_inversion import embedding_file, learn_token_embedding, placeholder_prompt
 from erasure.eval.token_optimisation import optimise_prompts, ordinary_tokens
 from erasure.generation import draw
 
@@ -116,6 +116,19 @@ def test_textual_inversion_trains_only_the_placeholder_rows(family, tiny_models)
             assert torch.equal(value, after[key]), key
         else:  # the table grew by S*'s row: the old rows are the same
             assert torch.equal(value, after[key][:len(value)]), key
+    if family in ("sd1", "sdxl"):  # the saved file loads with diffusers' load_textual_inversion
+        fresh = load_backbone(tiny_models[family]).pipe
+        saved = embedding_file(learned, "<nude>", family)
+        if family == "sd1":
+            fresh.load_textual_inversion(saved, token="<nude>")
+        else:  # SDXL's two rows, each with its own tokenizer and encoder (diffusers' documented way)
+            fresh.load_textual_inversion(saved["clip_l"], token="<nude>", text_encoder=fresh.text_encoder,
+                                         tokenizer=fresh.tokenizer)
+            fresh.load_textual_inversion(saved["clip_g"], token="<nude>", text_encoder=fresh.text_encoder_2,
+                                         tokenizer=fresh.tokenizer_2)
+        for name in learned:
+            row = getattr(fresh, name.replace("text_encoder", "tokenizer")).convert_tokens_to_ids("<nude>")
+            assert torch.equal(getattr(fresh, name).get_input_embeddings().weight[row], learned[name][0])
     if family == "sd1":  # the same seed learns the same row
         again, _ = learn_token_embedding(load_backbone(tiny_models[family]), settings, ["nude"], "cpu", show=False)
         assert torch.equal(again["text_encoder"], learned["text_encoder"])
@@ -165,6 +178,13 @@ def test_textual_inversion_on_the_world_learns_a_word_that_draws(tmp_path, capsy
     assert (none != attacked).any()
     embedding = load_file(out / "textual_inversion-0-world-micro.safetensors")
     assert list(embedding) == ["<concept>"] and embedding["<concept>"].ndim == 2
+    from erasure.backbones import resolve_model
+    from erasure.data.generate import load_pipeline
+
+    pipe = load_pipeline(resolve_model("world:micro"), "cpu", "float32")  # diffusers reads it back
+    pipe.load_textual_inversion(str(out / "textual_inversion-0-world-micro.safetensors"))
+    row = pipe.tokenizer.convert_tokens_to_ids("<concept>")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[row], embedding["<concept>"][0])
     assert "learned on 8 images" in (out / "attack.md").read_text()
 
 
