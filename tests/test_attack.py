@@ -234,6 +234,7 @@ def test_projection_never_lands_on_a_placeholder():
     ids = ordinary_tokens(tokenizer, len(tokenizer)).tolist()
     assert tokenizer.convert_tokens_to_ids("<concept>") not in ids and not set(ids) & set(tokenizer.all_special_ids)
     assert tokenizer.convert_tokens_to_ids("striped</w>") in ids
+    assert all(tokenizer.decode([i]).strip().isprintable() for i in ids)  # no control bytes: typeable
 
 
 def test_token_optimisation_on_the_world_draws_real_prompts(tmp_path, capsys):

@@ -45,15 +45,16 @@ def prompt_tokenizers(pipe) -> list:
 
 
 def ordinary_tokens(tokenizer, rows: int) -> torch.Tensor:
-    """Ids a projection may land on: the tokens whose text tokenizes back to themselves alone (ours:
-    CLIP's whole words, not its byte pieces or word starts, so the attacked prompt typed as text is
-    read as the projected ids), without special tokens (start, end, padding)."""
+    """Ids a projection may land on: the tokens whose text is printable and tokenizes back to themselves
+    alone (ours: CLIP's whole words, not its control bytes or word starts, so the attacked prompt
+    typed as text is read as the projected ids), without special tokens (start, end, padding)."""
     # Added tokens are excluded too: another attack's placeholder (textual inversion's S*) is no real word.
     special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     ids = [i for i in range(min(len(tokenizer), rows)) if i not in special]
     texts = tokenizer.batch_decode([[i] for i in ids])
     again = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return torch.tensor([i for i, back in zip(ids, again) if back == [i]])
+    return torch.tensor([i for i, text, back in zip(ids, texts, again)
+                         if back == [i] and text.strip() and text.strip().isprintable()])  # typeable
 
 
 def nearest_tokens(tables: list[torch.Tensor], rows: list[int], candidates: torch.Tensor) -> list[int]:
