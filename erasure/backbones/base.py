@@ -180,7 +180,8 @@ class Backbone:
     def encode_prompts_differentiably(self, prompts: list[str], device) -> Conditioning:
         """encode_prompts with its autograd graph: textual inversion trains a token's embedding row
         through the text encoder. The family's own encode_prompts, unwrapped from its no_grad."""
-        return type(self).encode_prompts.__wrapped__(self, prompts, device)
+        encode = type(self).encode_prompts
+        return getattr(encode, "__wrapped__", encode)(self, prompts, device)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
