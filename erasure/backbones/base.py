@@ -177,6 +177,12 @@ class Backbone:
     def encode_prompts(self, prompts: list[str], device) -> Conditioning:
         raise NotImplementedError
 
+    def encode_prompts_differentiably(self, prompts: list[str], device) -> Conditioning:
+        """encode_prompts with its autograd graph: textual inversion trains a token's embedding row
+        through the text encoder. The family's own encode_prompts, unwrapped from its no_grad."""
+        encode = type(self).encode_prompts
+        return getattr(encode, "__wrapped__", encode)(self, prompts, device)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] → the VAE posterior's mean and std; latents are drawn per step."""

@@ -23,6 +23,14 @@ Attacks:
   and no access to the erased model beyond its text encoder. Ring-A-Bell then searches for real
   tokens whose embedding comes close to E(p) + η c; here the embedding itself is drawn from, which
   is the attack an adversary who can pass embeddings makes, and bounds the token search's.
+- ``textual_inversion`` (Pham et al. 2023): one new word S* whose embedding is learned on the erased
+  model from forget images by its own denoising loss; the attacked prompt is the prompt with the
+  concept's words replaced by S* (erasure/eval/textual_inversion.py). White-box: the attacker reads
+  the erased denoiser's gradients, and changes no weight.
+- ``token_optimisation`` (UnlearnDiffAtk, Zhang et al. 2024): per prompt, K tokens in front of it
+  whose embeddings are optimised by the erased model's denoising loss on a target image of the
+  concept, then projected to the nearest real tokens: the attacked prompt is real text
+  (erasure/eval/token_optimisation.py). White-box, as textual inversion.
 """
 
 from __future__ import annotations
@@ -44,6 +52,19 @@ ATTACKS = {
     # strength η (ours: the suite sets it); pairs: a JSONL of forget_prompt/retain_prompt twins
     # (train.jsonl of `erasure prompts build`) or a concept spec (prompts/*.yaml) built into one
     "concept_vector": {"strength": 3.0, "pairs": None},
+    # images: a forget image set (load_prompt_image_set: a folder with metadata.jsonl, world:C/forget).
+    # steps, learning_rate, batch_size: diffusers' textual_inversion README run (3000 steps, lr 5e-4
+    # scaled by --scale_lr to 2e-3 for its batch 1 × gradient accumulation 4); seed: ours.
+    # token: the placeholder S*; init: the word its rows start from (ours: the concept's word);
+    # concept: the word S* stands for in captions and prompts (default: the micro world's concept
+    # and its alias; required with nudenet, e.g. "nude").
+    "textual_inversion": {"images": None, "steps": 3000, "learning_rate": 2e-3, "batch_size": 4, "seed": 0,
+                          "token": "<concept>", "init": None, "concept": None},
+    # images: the forget image set the target images come from. tokens K = 5 and steps 40 per prompt:
+    # UnlearnDiffAtk's setting (Zhang et al. 2024); learning_rate 0.01 and weight_decay 0.1 as we read
+    # their released attack configuration (not re-checked offline); seed: ours.
+    "token_optimisation": {"images": None, "tokens": 5, "steps": 40, "learning_rate": 0.01, "weight_decay": 0.1,
+                           "seed": 0},
 }
 DETECTORS = ("micro_world", "nudenet")
 ENCODE_BATCH = 64  # prompts per text-encoder pass
@@ -79,9 +100,48 @@ def load_attack_suite(path, overrides: dict | None = None) -> dict:
             if not isinstance(settings["pairs"], str) or not settings["pairs"]:
                 raise SuiteError(f"{where}: attacks.concept_vector.pairs: required: a JSONL of forget_prompt/"
                                  "retain_prompt twins or a concept spec (prompts/*.yaml)")
+        if name == "textual_inversion":
+            check_textual_inversion(settings, suite, f"{where}: attacks.textual_inversion")
+        if name == "token_optimisation":
+            check_token_optimisation(settings, f"{where}: attacks.token_optimisation")
         resolved[name] = settings
     suite["attacks"] = resolved
     return suite
+
+
+def check_training(settings: dict, where: str, counts: tuple[str, ...]) -> None:
+    """The settings every optimising attack shares: images, counts ≥ 1, a positive learning rate, a seed."""
+    if not isinstance(settings["images"], str) or not settings["images"]:
+        raise SuiteError(f"{where}.images: required: a forget image set (a folder with metadata.jsonl, "
+                         "or world:<concept>/forget)")
+    for key in counts:
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SuiteError(f"{where}.{key}: {value!r}; expected a whole number ≥ 1")
+    rate = settings["learning_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        raise SuiteError(f"{where}.learning_rate: {rate!r}; expected a positive number")
+    if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int):
+        raise SuiteError(f"{where}.seed: {settings['seed']!r}; expected a whole number")
+
+
+def check_token_optimisation(settings: dict, where: str) -> None:
+    check_training(settings, where, ("tokens", "steps"))
+    decay = settings["weight_decay"]
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
+        raise SuiteError(f"{where}.weight_decay: {decay!r}; expected a number ≥ 0")
+
+
+def check_textual_inversion(settings: dict, suite: dict, where: str) -> None:
+    check_training(settings, where, ("steps", "batch_size"))
+    if not isinstance(settings["token"], str) or not settings["token"].strip() or " " in settings["token"]:
+        raise SuiteError(f"{where}.token: {settings['token']!r}; expected one placeholder word such as '<concept>'")
+    for key in ("init", "concept"):
+        if settings[key] is not None and (not isinstance(settings[key], str) or not settings[key].strip()):
+            raise SuiteError(f"{where}.{key}: {settings[key]!r}; expected a word")
+    if settings["concept"] is None and "micro_world" not in suite["metrics"]:
+        raise SuiteError(f"{where}.concept: required with {next(iter(suite['metrics']))}: the word the "
+                         "placeholder stands for in captions and prompts (e.g. 'nude')")
 
 
 def attacked_items(suite: dict) -> tuple[list[dict], dict]:
@@ -149,8 +209,10 @@ def concept_vector(backbone, pairs: list[tuple[str, str]], device) -> dict[str, 
 
 
 def attack_conditioning(backbone, name: str, settings: dict, prompts: list[str], vector, device) -> list[dict] | None:
-    """Per prompt, the pipeline arguments it is drawn from under attack ``name`` (None: the prompt itself)."""
-    if name == "none":
+    """Per prompt, the pipeline arguments it is drawn from under attack ``name`` (None: the prompt itself;
+    textual inversion's prompts carry S*, which the pipeline's tokenizers and encoders now know;
+    token optimisation's are real text)."""
+    if name in ("none", "textual_inversion", "token_optimisation"):
         return None
     cond = encode(backbone, prompts, device)
     attacked = {key: cond[key] + settings["strength"] * vector[key].to(cond[key]) for key in cond}  # E(p) + η c
@@ -217,9 +279,30 @@ def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = Tr
         for attack, settings in suite["attacks"].items():
             folder_out = out / "images" / name / attack
             folder_out.mkdir(parents=True, exist_ok=True)
-            conditioning = attack_conditioning(backbone, attack, settings, [it["prompt"] for it in items],
-                                               vector, device)
-            jobs = [Job(folder_out / f"{i:06d}.png", it["prompt"], it["seed"], it["guidance"],
+            prompts = [it["prompt"] for it in items]
+            record = None
+            if attack == "textual_inversion":
+                from erasure.eval.textual_inversion import (concept_words, embedding_file,
+                                                            learn_token_embedding, placeholder_prompt)
+
+                words = concept_words(suite, settings)
+                # Every process learns the same embedding (same seed, same rows): no broadcast needed.
+                learned, record = learn_token_embedding(backbone, settings, words, device,
+                                                        show and state.is_main_process)
+                prompts = [placeholder_prompt(p, words, settings["token"]) for p in prompts]
+                if state.is_main_process:  # the attack's embedding, loadable with load_textual_inversion
+                    from safetensors.torch import save_file
+
+                    save_file(embedding_file(learned, settings["token"], backbone.family),
+                              out / f"textual_inversion-{name}.safetensors")
+            elif attack == "token_optimisation":
+                from erasure.eval.token_optimisation import optimise_prompts
+
+                # The projected prompts are real text, drawn as text (metadata.jsonl keeps them, and
+                # the report each prompt's token ids).
+                prompts, record = optimise_prompts(backbone, settings, prompts, device, show and state.is_main_process)
+            conditioning = attack_conditioning(backbone, attack, settings, prompts, vector, device)
+            jobs = [Job(folder_out / f"{i:06d}.png", prompts[i], it["seed"], it["guidance"],
                         None if conditioning is None else conditioning[i]) for i, it in enumerate(items)]
             finite = {}
             bar = tqdm(total=len(jobs), desc=f"{name} / {attack}", unit="image", disable=not (show and state.is_main_process))
@@ -241,6 +324,8 @@ def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = Tr
                 oracle = oracle_for(suite["metrics"]["micro_world"], folders[0]).to(device)
             found = detect(suite, paths, oracle, state)
             entry = {"asr": sum(found) / len(found), "found": sum(found), "images": len(found), "blank": blank}
+            if record:
+                entry["training"] = record
             if blank:
                 entry["flag"] = f"{blank} of {len(found)} images are blank: they read as 'not found'"
             if state.is_main_process:
@@ -296,6 +381,11 @@ def render_attack_markdown(report: dict) -> str:
     lines += ["", "## Attack success rate", "", attack_table(report), ""]
     for m in report["models"]:
         for a, entry in m["attacks"].items():
+            if entry.get("training"):
+                t = entry["training"]
+                lines.append(f"- {m['name']} / {a}: learned on {t['images']['rows']} images of `{t['images']['source']}`; "
+                             f"denoising loss {t['loss_first_quarter']:.4f} (first quarter of the steps) → "
+                             f"{t['loss_last_quarter']:.4f} (last quarter)")
             if entry.get("flag"):
                 lines.append(f"- ⚠ {m['name']} / {a}: {entry['flag']}")
     return "\n".join(lines) + "\n"
