@@ -176,6 +176,15 @@ def _tiny_text_unet(**extra):
     )
 
 
+def _tiny_t5(tokenizer, width: int):
+    """A two-layer T5 encoder over ``tokenizer``'s ids (SD3's third and FLUX's second text encoder)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=1))
+
+
 def build_tiny_sd1(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """A tiny StableDiffusionPipeline (UNet, eps or v prediction), saved with `save_pretrained`."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -245,8 +254,6 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
 def build_tiny_sd3(out_dir: str | Path, seed: int = 0, t5: bool = True) -> Path:
     """A tiny StableDiffusion3Pipeline (flow matching), with or without its T5 encoder."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import T5Config, T5EncoderModel
-
     torch.manual_seed(seed)
     joint_dim = 32
     transformer = SD3Transformer2DModel(
@@ -265,20 +272,7 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0, t5: bool = True) -> Path:
     text_encoder_3 = tokenizer_3 = None
     if t5:
         tokenizer_3 = t5_tokenizer()
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_3),
-                d_model=joint_dim,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        text_encoder_3 = _tiny_t5(tokenizer_3, joint_dim)
     # The two CLIP encoders' hidden states are concatenated (16 + 16 = joint_dim) and their pooled
     # projections too (16 + 16 = pooled_projection_dim), as in SD3 (768 + 1280 = 2048).
     pipe = StableDiffusion3Pipeline(
@@ -300,7 +294,6 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny FluxPipeline in the layout of FLUX.1 [dev]: double- and single-stream blocks, a guidance
     embedding, CLIP (pooled) and T5 (the sequence), 2×2-packed latents, dynamic shifting."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     latent_channels, text_dim = 4, 32
@@ -317,9 +310,7 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
         axes_dims_rope=(4, 4, 8),  # rotary dimensions per position axis; they sum to the head's
     )
     tokenizer_2 = t5_tokenizer(max_length=512)
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=text_dim, d_kv=8, d_ff=64,
-                                             num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder_2 = _tiny_t5(tokenizer_2, text_dim)
     # FLUX.1 [dev]'s scheduler config: the shift grows with the image's token count.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
