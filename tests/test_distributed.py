@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import yaml
 from diffusers import DiffusionPipeline
 
@@ -130,6 +131,7 @@ def test_scoring_is_dealt_out_in_turn_and_gathered_in_order(tmp_path):
         assert run["alone"] == [0]
 
 
+@pytest.mark.slow  # ≈ 50 s: the default suite keeps two-process drawing (data generate) and scoring (the monitor)
 def test_eval_on_two_processes_equals_one_process(tiny_sd1, tmp_path):
     """Both processes draw and score their shares (the blank check, NudeNet, CLIP alignment and the
     micro world's oracle, each in parts dealt out in turn): the same images, byte for byte, the same

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, RECIPES, read_weights, run_recipe
@@ -49,6 +50,7 @@ def test_fsdp_rgd_equals_one_process(tiny_sd1, tmp_path):
     assert card["run"]["processes"] == 2
 
 
+@pytest.mark.slow  # ≈ 45 s (three two-process runs): the default suite keeps FSDP's RGD test and SalUn's one-process resume
 def test_fsdp_salun_resume_equals_uninterrupted(tiny_sd1, tmp_path):
     """SalUn's mask is found over the slices; a checkpoint taken under FSDP resumes bit for bit."""
     common = dict(model=tiny_sd1, checkpointing_steps=2, **LINEAR)
