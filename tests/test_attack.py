@@ -312,3 +312,12 @@ def test_strength_without_a_concept_vector_is_one_line(tmp_path):
                            "--out", str(tmp_path / "out"), "--strength", "2"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
     assert "--strength: suite" in done.stderr and "has no concept_vector attack" in done.stderr
+
+
+def test_a_model_not_conditioned_on_text_is_refused_before_anything_is_drawn(tiny_sd1, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        cli(["attack", "--suite", "eval/attack-micro-striped.yaml", "--model", str(tiny_sd1), "--model", "tiny:dit",
+             "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and "\n" not in error
+    assert "--model tiny:dit: DiTPipeline is not conditioned on text" in error and not (tmp_path / "out").exists()

@@ -72,7 +72,7 @@ ENCODE_BATCH = 64  # prompts per text-encoder pass
 
 def load_attack_suite(path, overrides: dict | None = None) -> dict:
     """An eval suite with one detector and an `attacks:` mapping, validated before any model loads."""
-    from erasure.eval.suite import load_suite
+    from erasure.eval.suite import load_suite, resolve_settings
 
     suite = load_suite(path, overrides, extra_keys=frozenset({"attacks"}))
     where = f"suite {suite['file']}"
@@ -84,15 +84,7 @@ def load_attack_suite(path, overrides: dict | None = None) -> dict:
         raise SuiteError(f"{where}: attacks: name at least one of {', '.join(ATTACKS)} (a mapping of attack to settings)")
     resolved = {}
     for name, settings in attacks.items():
-        if name not in ATTACKS:
-            raise SuiteError(f"{where}: unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
-        if not isinstance(settings or {}, dict):
-            raise SuiteError(f"{where}: attacks.{name}: expected a mapping of settings (or nothing), got {settings!r}")
-        settings = {**ATTACKS[name], **(settings or {})}
-        unknown = set(settings) - set(ATTACKS[name])
-        if unknown:
-            raise SuiteError(f"{where}: attacks.{name}: unknown key {sorted(unknown)[0]!r}; "
-                             f"allowed: {', '.join(ATTACKS[name]) or 'none'}")
+        settings = resolve_settings(where, "attack", name, settings, ATTACKS)
         if name == "concept_vector":
             strength = settings["strength"]
             if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
@@ -242,7 +234,7 @@ def detect(suite: dict, paths: list[Path], oracle, state) -> list[bool]:
 def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = True) -> dict | None:
     """Attack every model with every attack of the suite, detect, report (DIR/attack.json, attack.md,
     attack.png). Under several processes each draws and detects its share; the main one reports."""
-    from erasure.backbones import resolve_model, weights_sha256, wrap_pipeline
+    from erasure.backbones import FAMILIES, check_family, pipeline_class, resolve_model, weights_sha256, wrap_pipeline
     from erasure.data.generate import load_pipeline
     from erasure.eval.runner import _model_names, blank_images, versions
     from erasure.generation import Job, drawn_size, process_state, render
@@ -254,6 +246,11 @@ def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = Tr
             folders.append(resolve_model(model))
         except ModelError as e:
             raise ModelError(f"--{e}") from None
+        kind = pipeline_class(folders[-1])  # every model is checked before any draws
+        check_family(kind, f"{folders[-1]}: ")
+        if FAMILIES[kind].conditioning != "text":
+            raise ModelError(f"--model {model}: {kind} is not conditioned on text; the attacks change prompts or "
+                             "their embeddings")
     items, source = attacked_items(suite)
     if not items:
         raise DataError(f"suite {suite['file']}: no prompts to attack")
@@ -269,9 +266,6 @@ def run_attacks(suite: dict, models: list[str], out: str | Path, show: bool = Tr
     for name, model, folder in zip(_model_names(models), models, folders):
         pipe = load_pipeline(folder, str(device), dtype)
         backbone = wrap_pipeline(pipe)
-        if backbone.conditioning != "text":
-            raise ModelError(f"--model {model}: {type(pipe).__name__} is not conditioned on text; the attacks "
-                             "change prompts or their embeddings")
         size = drawn_size(pipe, generation["size"], {it["guidance"] for it in items})
         # The concept vector is the attacked model's own: the attacker reads its text encoder.
         vector = concept_vector(backbone, pairs, device) if pairs else None

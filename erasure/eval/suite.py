@@ -55,6 +55,21 @@ def _read(path: Path, seen: tuple = (), top_keys: set = TOP_KEYS) -> dict:
     return _merge(base, raw)
 
 
+def resolve_settings(where: str, kind: str, name: str, settings, defaults: dict) -> dict:
+    """A suite entry's settings (a metric's, an attack's) over its defaults: a known ``name``, a mapping
+    (or nothing), no key the defaults do not have."""
+    if name not in defaults:
+        raise SuiteError(f"{where}: unknown {kind} {name!r}; known {kind}s: {', '.join(defaults)}")
+    if not isinstance(settings or {}, dict):
+        raise SuiteError(f"{where}: {kind}s.{name}: expected a mapping of settings (or nothing), got {settings!r}")
+    merged = {**defaults[name], **(settings or {})}
+    unknown = set(merged) - set(defaults[name])
+    if unknown:
+        raise SuiteError(f"{where}: {kind}s.{name}: unknown key {sorted(unknown)[0]!r}; "
+                         f"allowed: {', '.join(defaults[name]) or 'none'}")
+    return merged
+
+
 def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -111,16 +126,7 @@ def load_suite(path: str | Path, overrides: dict | None = None, extra_keys: froz
         raise SuiteError(f"{where}: metrics: name at least one of {', '.join(METRICS)}")
     resolved = {}
     for name, settings in metrics.items():
-        if name not in METRICS:
-            raise SuiteError(f"{where}: unknown metric {name!r}; known metrics: {', '.join(METRICS)}")
-        if not isinstance(settings or {}, dict):
-            raise SuiteError(f"{where}: metrics.{name}: expected a mapping of settings (or nothing), got {settings!r}")
-        settings = {**METRICS[name], **(settings or {})}
-        unknown = set(settings) - set(METRICS[name])
-        if unknown:
-            raise SuiteError(f"{where}: metrics.{name}: unknown key {sorted(unknown)[0]!r}; "
-                             f"allowed: {', '.join(METRICS[name])}")
-        resolved[name] = settings
+        resolved[name] = resolve_settings(where, "metric", name, settings, METRICS)
     if "class_forgetting" in resolved:
         if not prompts.get("classes"):
             raise SuiteError(f"{where}: metrics.class_forgetting needs prompts.classes")
