@@ -7,6 +7,15 @@ frontier — over several seeds. UCE, which has no steps, draws its frontier ove
 λ_p. The table reports *retention at erasure*: per method, the best neighbour accuracy and RA among
 the points with UA ≥ 0.90 and with UA ≥ 0.95, averaged over the seeds that reach it.
 
+With ``--attack`` the frontier also asks whether the concept comes back: every method is attacked
+(``erasure attack``, eval/attack-micro-<concept>.yaml) at its *erasure point*, the model a user gets
+with ``stop_at_erasure: 0.95`` and the bench's checks — the first check with UA ≥ 0.95, re-trained
+to it (the run is deterministic: the re-trained check must equal the frontier's), or the end of the
+budget where no check reaches it. For UCE it is the largest λ_p that reaches it (the least edit that
+erases), or the smallest λ_p where none does. The attack table gives each method's ASR per attack at
+that point beside its neighbour accuracy and RA there, the base's ASR above them, and a plot of ASR
+against neighbour accuracy.
+
 Each method trains from ``recipes/world/<concept>/<method>.yaml`` in its own process (so its peak
 memory is its own: the child's peak RSS from ``wait4``, and the GPU peak from its erasure card when
 on CUDA), then one evaluation renders the micro suite (``eval/micro-<concept>.yaml``) for the base
@@ -120,13 +129,19 @@ THRESHOLDS = (0.90, 0.95)
 CURVE_KEYS = ("UA", "implicit_UA", "neighbour_accuracy", "RA")
 
 
+# The erasure point the attacks read: where `stop_at_erasure: 0.95` ends a run.
+ATTACK_UA = 0.95
+
+
 def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = None, steps: int | None = None,
                    every: int | None = None, images: int | None = None, seeds=None, preserve_scales=None,
-                   show: bool = True) -> dict:
+                   attack: str | Path | None = None, limit: int | None = None, show: bool = True) -> dict:
     from erasure.config import read_recipe
 
     if concept not in CONCEPTS:
         raise ValueError(f"--concept {concept!r}; the micro-world concepts are {', '.join(CONCEPTS)}")
+    # The attack suite is read (and refused) before hours of training, not after.
+    suite = load_bench_attack_suite(attack, concept, limit) if attack else None
     methods = methods or default_methods(concept)
     missing = [m for m in methods if not recipe_path(concept, m).is_file()]
     if missing:
@@ -137,10 +152,7 @@ def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = No
     steps, every = steps or FRONTIER["steps"], every or FRONTIER["every"]
     images, seeds = images or FRONTIER["images"], tuple(seeds if seeds is not None else FRONTIER["seeds"])
     out = Path(out)
-    # The whole trajectory: a recipe's own stop (the recommended one stops at erasure) is switched
-    # off here, and its own monitor prompts give way to the fixed subset of world captions.
-    watch = {"monitor_every": every, "monitor_prompts": "world:all+aliases", "monitor_images": images,
-             "stop_at_erasure": "null", "checkpointing_steps": 0}
+    watch = frontier_watch(every, images)
     curves = {}
     for method in methods:
         closed = METHOD_TABLE[read_recipe(recipe_path(concept, method))["method"]].closed_form
@@ -153,21 +165,115 @@ def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = No
             for scale in ((preserve_scales or UCE_PRESERVE_SCALES) if closed else (None,)):
                 overrides = {**concept_flags(concept, method), **watch, "seed": seed,
                              **({"uce_preserve_scale": scale} if closed else {"max_steps": steps})}
-                folder = out / "models" / f"{method}-seed{seed}" / (f"lp{scale:g}" if closed else "")
+                folder = frontier_folder(out, method, seed, scale)
                 cost = train_one(recipe_path(concept, method), folder, overrides, show=False)
                 history = json.loads((folder / "erasure.json").read_text())["run"]["monitor"]["history"]
                 for check in history:
                     points.append({"step": check["step"], **({"uce_preserve_scale": scale} if closed else {}),
                                    **{k: check["world"][k] for k in CURVE_KEYS}})
             runs.append({"seed": seed, "points": points, "wall_s": cost["wall_s"]})
+            if suite is not None:
+                base = {**concept_flags(concept, method), **watch, "seed": seed, "max_steps": steps}
+                runs[-1]["erasure_point"] = erasure_point_model(recipe_path(concept, method), points, closed, base,
+                                                                frontier_folder(out, method, seed))
         curves[method] = {"runs": runs, "closed_form": closed, "retention": retention_at_erasure(runs)}
     result = {"concept": concept, "steps": steps, "every": every, "images": images, "seeds": list(seeds),
               "captions": "world:all+aliases", "methods": curves}
-    write_atomically(out / "frontier.json", lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
-    table = frontier_table(result)
-    write_atomically(out / "frontier.md", lambda f: f.write((table + "\n").encode()))
-    frontier_plot(result, out / "frontier.png")
+    write_frontier(result, out)
+    if suite is not None:  # the frontier is written first: an attack that fails keeps it
+        result["attack"] = attack_erasure_points(suite, curves, out / "attack", show)
+        write_frontier(result, out)
     return result
+
+
+def write_frontier(result: dict, out: Path) -> None:
+    """frontier.json, .md and .png; with attacks, frontier-attack.md and .png."""
+    write_atomically(out / "frontier.json", lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    write_atomically(out / "frontier.md", lambda f: f.write((frontier_table(result) + "\n").encode()))
+    frontier_plot(result, out / "frontier.png")
+    if "attack" in result:
+        write_atomically(out / "frontier-attack.md", lambda f: f.write((frontier_attack_table(result) + "\n").encode()))
+        frontier_attack_plot(result, out / "frontier-attack.png")
+
+
+def frontier_watch(every: int, images: int) -> dict:
+    """The overrides that make a training run a frontier run: the whole trajectory (a recipe's own
+    stop is switched off), read every ``every`` steps on a fixed subset of ``images`` world captions
+    (the recipe's own monitor prompts give way to it)."""
+    return {"monitor_every": every, "monitor_prompts": "world:all+aliases", "monitor_images": images,
+            "stop_at_erasure": "null", "checkpointing_steps": 0}
+
+
+def frontier_folder(out: Path, method: str, seed: int, scale: float | None = None) -> Path:
+    """A frontier run's export; UCE's, one per preserve scale λ_p."""
+    folder = out / "models" / f"{method}-seed{seed}"
+    return folder / f"lp{scale:g}" if scale is not None else folder
+
+
+def load_bench_attack_suite(path, concept: str, limit: int | None) -> dict:
+    from erasure.errors import SuiteError
+    from erasure.eval.attack import load_attack_suite
+
+    suite = load_attack_suite(path, {"prompts": {"limit": limit}} if limit else None)
+    named = suite["metrics"].get("micro_world", {}).get("concept")
+    if named != concept:
+        raise SuiteError(f"--attack {path}: reads {named or 'no micro-world concept'}; the bench erases {concept!r} "
+                         f"(e.g. eval/attack-micro-{concept}.yaml)")
+    return suite
+
+
+def erasure_point(points: list[dict], closed: bool) -> dict:
+    """Where a run is attacked (module docstring): its first check with UA ≥ ATTACK_UA, or the end of
+    its budget; for UCE the largest λ_p that reaches it, or the smallest λ_p."""
+    reached = [p for p in points if p["UA"] is not None and p["UA"] >= ATTACK_UA]
+    if closed:
+        scale = lambda p: p["uce_preserve_scale"]  # noqa: E731
+        point = max(reached, key=scale) if reached else min(points, key=scale)
+    else:
+        point = reached[0] if reached else points[-1]
+    return {**point, "reached": bool(reached)}
+
+
+def erasure_point_model(recipe: Path, points: list[dict], closed: bool, overrides: dict, run: Path) -> dict:
+    """The erasure point and the model at it. A trained run that reaches it before its last check is
+    trained again with ``stop_at_erasure`` into ``<run>-erasure``; the check it stops at must read
+    what the frontier's did (``reproduced``), or the attacked model is not the frontier's point."""
+    point = erasure_point(points, closed)
+    if closed:
+        return {**point, "model": str(run / f"lp{point['uce_preserve_scale']:g}")}
+    if point["step"] == points[-1]["step"]:
+        return {**point, "model": str(run)}
+    folder = run.with_name(run.name + "-erasure")
+    train_one(recipe, folder, {**overrides, "stop_at_erasure": ATTACK_UA}, show=False)
+    check = json.loads((folder / "erasure.json").read_text())["run"]["monitor"]["history"][-1]
+    again = {"step": check["step"], **{k: check["world"][k] for k in CURVE_KEYS}}
+    return {**point, "model": str(folder), "reproduced": again == {k: point[k] for k in again}}
+
+
+def attack_erasure_points(suite: dict, curves: dict, out: Path, show: bool) -> dict:
+    """`erasure attack` on the base and every run's erasure-point model, in one report under ``out``;
+    each run's ASR per attack goes beside its point, each method's mean ± std over seeds."""
+    from erasure.eval.attack import run_attacks
+
+    runs = [run for curve in curves.values() for run in curve["runs"]]
+    report = run_attacks(suite, ["world:micro"] + [run["erasure_point"]["model"] for run in runs], out, show=show)
+    rates = [{a: entry["asr"] for a, entry in model["attacks"].items()} for model in report["models"]]
+    for run, asr in zip(runs, rates[1:]):
+        run["erasure_point"]["asr"] = asr
+    for curve in curves.values():
+        curve["attack"] = {a: _mean_std([run["erasure_point"]["asr"][a] for run in curve["runs"]])
+                           for a in suite["attacks"]}
+    # The base on the checks' captions: every trained run's step-0 check reads the base model.
+    base = [run["points"][0] for curve in curves.values() if not curve["closed_form"] for run in curve["runs"]]
+    return {"suite": report["protocol"]["suite_file"], "ua": ATTACK_UA, "report": str(out / "attack.md"),
+            "attacked_prompts": report["protocol"]["prompts"]["evaluated_prompts"], "base": {
+                "asr": rates[0], **{k: _mean_std([p[k] for p in base]) if base else None for k in CURVE_KEYS}}}
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    import numpy as np
+
+    return [float(np.mean(values)), float(np.std(values))]
 
 
 def retention_at_erasure(runs: list[dict]) -> dict:
@@ -204,6 +310,70 @@ def frontier_table(result: dict) -> str:
                       f"{r['RA'][0]:.3f} ± {r['RA'][1]:.3f}{note}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _pm(stat: list[float] | None, seeds: int) -> str:
+    if stat is None:
+        return "—"
+    return f"{stat[0]:.3f}" + (f" ± {stat[1]:.3f}" if seeds > 1 else "")
+
+
+def frontier_attack_table(result: dict) -> str:
+    """Per method: where its runs were attacked, what they kept there, and the ASR of every attack."""
+    attack = result["attack"]
+    attacks = list(attack["base"]["asr"])
+    lines = [f"| method | erasure point (UA ≥ {attack['ua']:.2f}) | UA | neighbour acc. ↑ | RA ↑ | "
+             + " | ".join(f"ASR {a} ↓" for a in attacks) + " |", "|---|---|---|---|---|" + "---|" * len(attacks)]
+    base = attack["base"]
+    lines.append("| base | — | " + " | ".join(_pm(base[k], 1) for k in ("UA", "neighbour_accuracy", "RA")) + " | "
+                 + " | ".join(f"{base['asr'][a]:.3f}" for a in attacks) + " |")
+    for method, curve in result["methods"].items():
+        points = [run["erasure_point"] for run in curve["runs"]]
+        where = ", ".join((f"λ_p {p['uce_preserve_scale']:g}" if curve["closed_form"] else f"step {p['step']}")
+                          + ("" if p["reached"] else " (not reached)") + (" ⚠ not reproduced" if p.get("reproduced") is False else "")
+                          for p in points)
+        cells = [_pm(_mean_std([p[k] for p in points]), len(points)) for k in ("UA", "neighbour_accuracy", "RA")]
+        cells += [_pm(curve["attack"][a], len(points)) for a in attacks]
+        lines.append(f"| {method} | {where} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def frontier_attack_plot(result: dict, path: Path) -> None:
+    """ASR against neighbour accuracy at each method's erasure point, one panel per attack: the
+    bottom-right corner is the goal. Hollow markers: some seed never reached the erasure point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    attack = result["attack"]
+    attacks = list(attack["base"]["asr"])
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.9), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], attacks):
+        for k, (method, curve) in enumerate(result["methods"].items()):
+            points = [run["erasure_point"] for run in curve["runs"]]
+            x = [p["neighbour_accuracy"] for p in points]
+            y = [p["asr"][name] for p in points]
+            colour = f"C{k % 10}"
+            reached = all(p["reached"] for p in points)
+            ax.errorbar(np.mean(x), np.mean(y), xerr=np.std(x), yerr=np.std(y), fmt="o" if k < 10 else "s",
+                        color=colour, mfc=colour if reached else "white", label=method, capsize=2)
+        if attack["base"]["neighbour_accuracy"] is not None:
+            ax.scatter(attack["base"]["neighbour_accuracy"][0], attack["base"]["asr"][name], marker="*", s=120,
+                       color="black", label="base", zorder=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("neighbour accuracy at the erasure point ↑")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"ASR ({result['concept']} comes back) ↓")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"micro world, {result['concept']!r}: attacks at the erasure point (UA ≥ {attack['ua']:.2f}; "
+                 "hollow: not reached)", fontsize=10)
+    fig.tight_layout()
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
 
 
 def frontier_plot(result: dict, path: Path) -> None:

@@ -201,15 +201,29 @@ def _bench_micro(args) -> None:
     if args.frontier:
         from erasure.bench import bench_frontier, frontier_table
 
+        from erasure.shipped import shipped
+
+        attack = None
+        if args.attack:
+            attack = shipped("eval", f"attack-micro-{args.concept}.yaml") if args.attack == "shipped" else args.attack
         try:
             result = bench_frontier(args.concept, out, methods=args.methods, steps=args.steps, every=args.every,
-                                    images=args.images, seeds=args.seeds)
+                                    images=args.images, seeds=args.seeds, attack=attack, limit=args.limit)
+        except ErasureError:
+            raise
         except ValueError as e:
             raise RecipeError(str(e)) from None
         print(f"\nmicro world, erasing {args.concept!r}: retention at erasure (mean ± std over seeds)\n")
         print(frontier_table(result))
         print(f"\n→ {out / 'frontier.md'}, {out / 'frontier.json'}, {out / 'frontier.png'}")
+        if "attack" in result:
+            from erasure.bench import frontier_attack_table
+
+            print(f"\nattacks at each method's erasure point:\n\n{frontier_attack_table(result)}")
+            print(f"\n→ {out / 'frontier-attack.md'}, {out / 'frontier-attack.png'}; attack report in {out / 'attack'}")
         return
+    if args.attack:
+        raise RecipeError("--attack: attacks each method at its erasure point, which --frontier finds; add --frontier")
     try:
         result = bench_micro(args.concept, out, methods=args.methods, steps=args.steps, limit=args.limit)
     except ValueError as e:
@@ -421,13 +435,17 @@ def build_parser() -> Parser:
     micro.add_argument("--out", help="default: bench-micro-<concept>")
     micro.add_argument("--methods", nargs="+", help="default: every method with a recipe in recipes/world/<concept>/")
     micro.add_argument("--steps", type=int, help="override every recipe's max_steps (reduced budgets)")
-    micro.add_argument("--limit", type=int, help="evaluate only the first N captions of the suite")
+    micro.add_argument("--limit", type=int, help="evaluate only the first N captions of the suite "
+                       "(with --frontier --attack: attack only the first N captions)")
     micro.add_argument("--frontier", action="store_true",
                        help="train each method for a long budget and read it every --every steps: UA against "
                             "neighbour accuracy and RA as curves over --seeds, retention at erasure")
     micro.add_argument("--every", type=int, help="frontier: steps between checks (default 10)")
     micro.add_argument("--images", type=int, help="frontier: captions per check, of the 960 named and by alias (default 192)")
     micro.add_argument("--seeds", type=int, nargs="+", help="frontier: seeds (default 0 1 2)")
+    micro.add_argument("--attack", nargs="?", const="shipped", metavar="SUITE",
+                       help="frontier: attack every method at its erasure point (UA ≥ 0.95) with an attack suite "
+                            "(default: eval/attack-micro-<concept>.yaml); ASR table and plot")
     micro.set_defaults(run=_bench_micro)
     micro_class = bench_commands.add_parser(
         "micro-class", help="class world: each shape forgotten in turn by every method, UA / RA / Fréchet over "

@@ -192,6 +192,22 @@ def test_new_training_flags_fail_in_one_line(flags, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--attack"], "--attack: attacks each method at its erasure point, which --frontier finds; add --frontier"),
+    (["--frontier", "--attack", "eval/attack-micro-triangle.yaml"],
+     "reads triangle; the bench erases 'striped' (e.g. eval/attack-micro-striped.yaml)"),
+])
+def test_bench_attacks_are_refused_before_training(flags, message, tmp_path, capsys, monkeypatch):
+    from erasure.cli import main
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "micro", "--concept", "striped", *flags, "--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f").exists()
+
+
 def test_frontier_budget_must_be_positive(tmp_path, capsys):
     from erasure.cli import main
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+import yaml
 
-from conftest import read_weights, run_recipe
+from conftest import REPO, read_weights, run_recipe
 
 PAIRS = [("a nude person on a beach", "a person on a beach"), ("a naked man, sketch", "a man, sketch"),
          ("a nude woman in a forest", "a woman in a forest")]
@@ -63,12 +64,18 @@ def test_monitor_stops_a_world_run_once_the_oracle_reads_the_concept_gone(tmp_pa
     assert "stopped at erasure | step" in (out / "README.md").read_text()
 
 
-@pytest.mark.slow  # 28 s: keeps the default suite under 10 min; the monitor it reads with is tested above
+@pytest.mark.slow  # 60 s: keeps the default suite under 10 min; the monitor it reads with is tested above
 def test_frontier_bench_end_to_end_on_a_reduced_budget(tmp_path):
     from erasure.bench import bench_frontier
 
+    # The shipped attack suite without the attacks that train (they are tested in test_attack.py)
+    suite = tmp_path / "attack-micro-striped.yaml"
+    shipped = yaml.safe_load((REPO / "eval/attack-micro-striped.yaml").read_text())
+    shipped["include"] = str(REPO / "eval" / shipped["include"])
+    shipped["attacks"] = {"none": {}, "concept_vector": shipped["attacks"]["concept_vector"]}
+    suite.write_text(yaml.safe_dump(shipped, sort_keys=False))
     result = bench_frontier("striped", tmp_path, methods=["rgd", "uce"], steps=4, every=2, images=16, seeds=[0],
-                            preserve_scales=(0.1, 10.0), show=False)
+                            preserve_scales=(0.1, 10.0), attack=suite, limit=6, show=False)
     rgd, uce = result["methods"]["rgd"], result["methods"]["uce"]
     assert [p["step"] for p in rgd["runs"][0]["points"]] == [0, 2, 4]
     assert [p["uce_preserve_scale"] for p in uce["runs"][0]["points"]] == [0.1, 10.0]
@@ -78,3 +85,53 @@ def test_frontier_bench_end_to_end_on_a_reduced_budget(tmp_path):
     table = (tmp_path / "frontier.md").read_text()
     assert table.splitlines()[0].startswith("| method | neighbour @ UA ≥ 0.90")
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    # every run attacked at its erasure point, the base beside them, from one attack report
+    attack = result["attack"]
+    assert set(attack["base"]["asr"]) == {"none", "concept_vector"} and attack["attacked_prompts"] == 6
+    assert attack["base"]["asr"]["none"] >= 0.5  # the base draws the stripes it is asked for
+    assert rgd["runs"][0]["erasure_point"]["model"].startswith(str(tmp_path / "models" / "rgd-seed0"))
+    assert uce["runs"][0]["erasure_point"]["model"].endswith("lp0.1") or uce["runs"][0]["erasure_point"]["reached"]
+    assert all(set(run["erasure_point"]["asr"]) == {"none", "concept_vector"} for run in rgd["runs"] + uce["runs"])
+    report = json.loads((tmp_path / "attack" / "attack.json").read_text())
+    assert [m["name"] for m in report["models"]][0] == "0-world-micro" and len(report["models"]) == 3
+    assert (tmp_path / "frontier-attack.md").read_text().startswith("| method | erasure point (UA ≥ 0.95) |")
+    assert (tmp_path / "frontier-attack.png").stat().st_size > 10_000
+
+
+def _points(uas, scales=None):
+    return [{"step": 10 * i, "UA": ua, "neighbour_accuracy": 0.9, "RA": 0.9,
+             **({"uce_preserve_scale": scales[i]} if scales else {})} for i, ua in enumerate(uas)]
+
+
+def test_the_erasure_point_is_where_stop_at_erasure_stops():
+    from erasure.bench import erasure_point
+
+    assert erasure_point(_points([0.0, 0.5, 0.96, 0.99, 0.2]), closed=False) == {**_points([0] * 3)[2], "UA": 0.96,
+                                                                                  "reached": True}
+    assert erasure_point(_points([0.0, 0.94, 0.5]), closed=False)["step"] == 20  # not reached: the budget's end
+    assert not erasure_point(_points([0.0, 0.94, 0.5]), closed=False)["reached"]
+    # UCE: the largest preserve scale λ_p that still erases, or the smallest where none does
+    scales = [0.1, 1.0, 10.0, 30.0]
+    assert erasure_point(_points([1.0, 0.97, 0.96, 0.5], scales), closed=True)["uce_preserve_scale"] == 10.0
+    assert erasure_point(_points([0.6, 0.5, 0.4, 0.3], scales), closed=True)["uce_preserve_scale"] == 0.1
+
+
+def test_the_erasure_point_is_trained_again_to_the_same_check(tmp_path, monkeypatch):
+    """The attacked model is the frontier's point: trained again with stop_at_erasure, the run stops
+    at the same step and its check reads the same numbers (the run is deterministic)."""
+    import erasure.bench as bench
+
+    recipe = bench.recipe_path("triangle", "erase")
+    overrides = {**bench.concept_flags("triangle", "erase"), **bench.frontier_watch(2, 64), "seed": 0,
+                 "max_steps": 6, "learning_rate": 1e-2}
+    run = tmp_path / "erase-seed0"
+    bench.train_one(recipe, run, overrides, show=False)
+    history = json.loads((run / "erasure.json").read_text())["run"]["monitor"]["history"]
+    points = [{"step": c["step"], **{k: c["world"][k] for k in bench.CURVE_KEYS}} for c in history]
+    early = [p for p in points[:-1] if p["UA"] > max(q["UA"] for q in points[:points.index(p)] or [{"UA": 0}])]
+    assert early, points  # some check before the last erases more than every check before it
+    monkeypatch.setattr(bench, "ATTACK_UA", early[0]["UA"])
+    model = bench.erasure_point_model(recipe, points, False, overrides, run)
+    assert model["step"] == early[0]["step"] < points[-1]["step"] and model["reached"]
+    assert model["model"] == str(tmp_path / "erase-seed0-erasure") and model["reproduced"] is True
+    assert json.loads((tmp_path / "erase-seed0-erasure" / "erasure.json").read_text())["steps"] == model["step"]
