@@ -86,9 +86,11 @@ def check_output_dir(out: Path, model: str, overwrite: bool) -> None:
         raise OutputError(f"output_dir: {str(out)!r} is not empty and is not an erasure export (it holds "
                           f"{', '.join(example)}…); choose a new folder, or pass --overwrite true to replace "
                           "it as a whole")
+    # Nothing is made here: a run refused later (its model, its data) leaves no empty folder behind.
+    # The nearest existing folder above the export and above its stage must take a file.
+    nearest = [next(p for p in (folder, *folder.parents) if p.exists()) for folder in (out, out.parent)]
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for folder in (out, out.parent):
+        for folder in dict.fromkeys(nearest):
             with tempfile.TemporaryFile(dir=folder):
                 pass
     except OSError as e:

@@ -114,3 +114,13 @@ def test_a_crash_at_any_moment_of_an_export_leaves_the_old_export_whole(tiny_sd1
     export_pipeline(pipe, out, tiny_sd1, card)  # and an export that completes replaces it
     assert json.loads((out / "erasure.json").read_text())["base_model"] == "b"
     assert DiffusionPipeline.from_pretrained(out) is not None
+
+
+def test_the_output_check_makes_nothing_and_names_an_unwritable_place(tmp_path):
+    from erasure.errors import OutputError
+
+    check_output_dir(tmp_path / "new" / "deeper" / "out", "base", overwrite=False)
+    assert not (tmp_path / "new").exists()  # a run refused later leaves no empty folder behind
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match=r"^output_dir: cannot write in '.*a-file/out' or beside it"):
+        check_output_dir(tmp_path / "a-file" / "out", "base", overwrite=False)
