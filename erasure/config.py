@@ -134,6 +134,10 @@ class TrainConfig:
     twin_negative_guidance: float = field(default=0.0, metadata=_help(
         "η of forget_loss: twin: the target is pred_θ₀(x_t, c_twin) − η (pred_θ₀(x_t, c_f) − pred_θ₀(x_t, c_twin)), "
         "ESD's negative guidance with the twin in place of the empty prompt; 0: the twin itself (new option)."))
+    concept_vector_adversary: float = field(default=0.0, metadata=_help(
+        "η_max of an adversarial forget term for forget_loss: twin: each forget sample is also taught the twin "
+        "target at E(f) + η c, η ~ U(0, η_max), c = Ring-A-Bell's concept vector of the run's own twins "
+        "(objectives.adversarial_twin_loss; new option); 0: off."))
     forget_loss_cap_per_sample: bool = field(default=False, metadata=_help(
         "Truncate each sample's forget loss at the cap, not the batch mean: mean_i min(l_i, cap), so a "
         "sample already forgotten stops pushing while the others still ascend (new option)."))
@@ -324,6 +328,12 @@ class TrainConfig:
         if self.forget_loss != "twin" and self.twin_negative_guidance:
             raise RecipeError("twin_negative_guidance: shapes forget_loss: twin's target; set "
                               f"forget_loss: twin (got forget_loss: {self.forget_loss})")
+        if self.concept_vector_adversary and self.forget_loss != "twin":
+            raise RecipeError("concept_vector_adversary: trains forget_loss: twin's target at the attacked prompt; "
+                              f"set forget_loss: twin (got forget_loss: {self.forget_loss})")
+        if not (math.isfinite(self.concept_vector_adversary) and self.concept_vector_adversary >= 0):
+            raise RecipeError(f"concept_vector_adversary: η_max must be a finite number ≥ 0 (0: off), got "
+                              f"{self.concept_vector_adversary}")
         if self.twin_negative_guidance < 0:
             raise RecipeError(f"twin_negative_guidance: must be ≥ 0 (0: the twin itself), got "
                               f"{self.twin_negative_guidance}")

@@ -33,9 +33,10 @@ from erasure.data.paired import PromptImageSet, decode_image, load_prompt_image_
 from erasure.errors import DataError, DivergedError, RecipeError
 from erasure.methods import METHOD_TABLE
 from erasure.methods.esd import sample_partial_trajectory
-from erasure.methods.objectives import (denoising_loss, denoising_losses, distillation_loss,
-                                        element_capped_losses, esd_loss, forget_ascent, guided_denoising_loss,
-                                        msgm_loss, per_sample_ascent, salun_relabel_loss, twin_target)
+from erasure.methods.objectives import (adversarial_twin_loss, concept_vector, denoising_loss, denoising_losses,
+                                        distillation_loss, element_capped_losses, esd_loss, forget_ascent,
+                                        guided_denoising_loss, msgm_loss, per_sample_ascent, salun_relabel_loss,
+                                        twin_target)
 from erasure.methods.restricted_gradient import cosine, global_inner_products, update_coefficients
 from erasure.methods.saliency import saliency_mask
 from erasure.sharding import local, shard_like, whole, whole_from_local
@@ -130,6 +131,11 @@ class Erasure:
         self.sharded = accelerator.distributed_type.name in ("FSDP",)
         # base_pull's θ₀: the weights before the first step (a resumed run still pulls toward these)
         self.start_weights = [local(p).detach().clone() for p in params] if config.base_pull else None
+        # concept_vector_adversary's c: the run's own twins (forget row i, retain row i), encoded once
+        self.concept_vector = None
+        if config.concept_vector_adversary:
+            self.concept_vector = concept_vector(prompts.cond(forget.prompt_ids, self.device),
+                                                 prompts.cond(retain.prompt_ids, self.device))
 
     @property
     def unwrapped(self):
@@ -146,7 +152,9 @@ class Erasure:
                  "noise": torch.randn(shape, generator=g),
                  "timesteps": self.backbone.sample_timesteps(B, g),
                  "esd_stop": torch.randint(self.config.esd_sample_steps, (1,), generator=g).expand(B),
-                 "relabel": torch.rand(B, generator=g)}  # SalUn's other class (class-conditional models)
+                 "relabel": torch.rand(B, generator=g),  # SalUn's other class (class-conditional models)
+                 "adversary": torch.rand(B, generator=g)}  # concept_vector_adversary's η / η_max (drawn last:
+        # a key added here leaves every earlier draw, and so every earlier run, as it was)
         lo = self.accelerator.process_index * self.per_process
         return [{k: v[lo + i: lo + i + self.micro] for k, v in drawn.items()}
                 for i in range(0, self.per_process, self.micro)]
@@ -184,6 +192,13 @@ class Erasure:
         if kind == "ascent" and c.forget_loss == "twin":
             # forget row i's twin is retain row i (checked when the sets load)
             twin = self.prompts.cond(self.retain.prompt_ids[micro["rows"]], self.device)
+            if self.concept_vector is not None:
+                noised = self.backbone.add_noise(x0, noise, t)
+                target = self.base_target(noised, t, cond, twin, c.twin_negative_guidance)
+                strengths = c.concept_vector_adversary * micro["adversary"].to(self.device)
+                loss = adversarial_twin_loss(self.backbone, self.model, noised, t, cond, self.concept_vector,
+                                             strengths, target)
+                return c.forget_weight * loss, loss
             loss = self.distill(x0, noise, t, cond, twin, away_from=c.twin_negative_guidance)
             return c.forget_weight * loss, loss
         if kind == "ascent" and c.forget_loss_cap_per_element:
@@ -233,12 +248,18 @@ class Erasure:
         """The model under ``cond`` toward the base model under ``base_cond`` at the same x_t (and
         ``away_from`` > 0: past it, away from the base under ``cond``; objectives.twin_target)."""
         noised = self.backbone.add_noise(x0, noise, t)
-        with torch.no_grad(), self.base_model() as base:
+        base_prediction = self.base_target(noised, t, cond, base_cond, away_from)
+        return distillation_loss(self.backbone, self.model, noised, t, cond, base_prediction, with_denoising)
+
+    @torch.no_grad()
+    def base_target(self, noised, t, cond, base_cond, away_from: float):
+        """pred_θ₀(x_t, c'), and with ``away_from`` η > 0 twin_target's step past it, away from pred_θ₀(x_t, c)."""
+        with self.base_model() as base:
             base_prediction = self.backbone.predict(base, noised.x_t, t, base_cond)
             if away_from:
                 base_prediction = twin_target(base_prediction, self.backbone.predict(base, noised.x_t, t, cond),
                                               away_from)
-        return distillation_loss(self.backbone, self.model, noised, t, cond, base_prediction, with_denoising)
+        return base_prediction
 
     def forget_active(self, step: int) -> bool:
         if self.method.forget is None:
@@ -421,6 +442,9 @@ def train(config: TrainConfig) -> Path:
 
     # Frozen parts on the device only while they encode; the exported copies stay float32.
     prompts = (forget_data.prompts if forget_data else []) + (retain_data.prompts if retain_data else [])
+    if config.concept_vector_adversary and backbone.conditioning != "text":
+        raise RecipeError(f"concept_vector_adversary: {backbone.family} is not conditioned on text; the concept "
+                          "vector is a direction of text embeddings (set it to 0)")
     relabels_to_anchor = config.method == "salun" and backbone.conditioning == "text"  # else to other classes
     prompts += [""] + ([config.salun_anchor_prompt] if relabels_to_anchor else [])
     for module in backbone.encoders:

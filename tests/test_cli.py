@@ -180,6 +180,8 @@ def test_bench_micro_names_what_is_missing(tmp_path, capsys):
     (["--forget_loss_cap_relative", "0.5"], "forget_loss_cap_relative: a factor > 1"),
     (["--twin_negative_guidance", "1"], "twin_negative_guidance: shapes forget_loss: twin's target"),
     (["--forget_loss", "twin", "--twin_negative_guidance", "-1"], "twin_negative_guidance: must be ≥ 0"),
+    (["--concept_vector_adversary", "3"], "concept_vector_adversary: trains forget_loss: twin's target"),
+    (["--forget_loss", "twin", "--concept_vector_adversary", "-1"], "concept_vector_adversary: η_max must be"),
 ])
 def test_new_training_flags_fail_in_one_line(flags, message, tmp_path, capsys):
     from erasure.cli import main

@@ -161,6 +161,21 @@ def test_twin_negative_guidance_scales_the_first_loss_by_one_plus_eta_squared(ti
     assert first[2.0] == pytest.approx(9 * first[0.0], rel=1e-4)
 
 
+def test_concept_vector_adversary_teaches_the_twin_target_where_the_attack_pushes(tiny_sd1, tmp_path):
+    """L_f = ½ [‖pred_θ(E(f)) − y‖² + ‖pred_θ(E(f) + η c) − y‖²]: with η_max → 0 both halves are the
+    plain twin loss, so the first loss is the plain one; with η_max = 8 the pushed half reads other
+    embeddings, and the run ends elsewhere."""
+    common = dict(model=tiny_sd1, max_steps=1, checkpointing_steps=0, forget_loss="twin", learning_rate=1e-2)
+    first, weights = {}, {}
+    for eta in (0.0, 1e-12, 8.0):
+        out = run_recipe("tiny/rgd.yaml", output_dir=tmp_path / str(eta), concept_vector_adversary=eta, **common)
+        first[eta] = json.loads((out / "erasure.json").read_text())["final_losses"]["forget"]
+        weights[eta] = read_weights(out / "unet")
+    assert first[1e-12] == pytest.approx(first[0.0], rel=1e-5)
+    assert first[8.0] != pytest.approx(first[0.0], rel=1e-3)
+    assert any(not torch.equal(weights[0.0][k], weights[8.0][k]) for k in weights[0.0])
+
+
 def test_relative_cap_and_base_pull_train_and_are_recorded(tiny_sd1, tmp_path):
     out = run_recipe("tiny/rgd.yaml", model=tiny_sd1, output_dir=tmp_path / "out", max_steps=2, checkpointing_steps=0,
                      forget_loss_cap_relative=2, base_pull=0.5, optimizer="sgd", learning_rate=0.05)

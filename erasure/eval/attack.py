@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from erasure.atomic import strict_json, write_atomically
 from erasure.errors import DataError, ModelError, SuiteError
+from erasure.methods.objectives import pushed_by_concept_vector
 
 # Each attack with its settings' defaults.
 ATTACKS = {
@@ -195,9 +196,10 @@ def encode(backbone, prompts: list[str], device) -> dict[str, torch.Tensor]:
 
 def concept_vector(backbone, pairs: list[tuple[str, str]], device) -> dict[str, torch.Tensor]:
     """c = (1/N) Σ_i [E(f_i) − E(r_i)] per conditioning tensor (module docstring), shaped as one row."""
-    forget = encode(backbone, [f for f, _ in pairs], device)
-    retain = encode(backbone, [r for _, r in pairs], device)
-    return {key: (forget[key] - retain[key]).mean(dim=0, keepdim=True) for key in forget}
+    from erasure.methods.objectives import concept_vector as mean_twin_difference
+
+    return mean_twin_difference(encode(backbone, [f for f, _ in pairs], device),
+                                encode(backbone, [r for _, r in pairs], device))
 
 
 def attack_conditioning(backbone, name: str, settings: dict, prompts: list[str], vector, device) -> list[dict] | None:
@@ -207,8 +209,7 @@ def attack_conditioning(backbone, name: str, settings: dict, prompts: list[str],
     if name in ("none", "textual_inversion", "token_optimisation"):
         return None
     cond = encode(backbone, prompts, device)
-    attacked = {key: cond[key] + settings["strength"] * vector[key].to(cond[key]) for key in cond}  # E(p) + η c
-    arguments = backbone.prompt_arguments(attacked)
+    arguments = backbone.prompt_arguments(pushed_by_concept_vector(cond, vector, settings["strength"]))  # E(p) + η c
     return [{key: value[i:i + 1] for key, value in arguments.items()} for i in range(len(prompts))]
 
 

@@ -69,6 +69,40 @@ def twin_target(twin_prediction: torch.Tensor, concept_prediction: torch.Tensor,
     return twin_prediction - guidance * (concept_prediction - twin_prediction)
 
 
+def concept_vector(forget: Conditioning, retain: Conditioning) -> Conditioning:
+    """Ring-A-Bell's concept vector (Tsai et al. 2024): c = (1/N) Σ_i [E(f_i) − E(r_i)] over N twin
+    prompts, per conditioning tensor, shaped as one row. Read by `erasure attack` (the attack) and by
+    concept_vector_adversary (the defence)."""
+    return {key: (forget[key].float() - retain[key].float()).mean(dim=0, keepdim=True) for key in forget}
+
+
+def pushed_by_concept_vector(cond: Conditioning, vector: Conditioning, strength) -> Conditioning:
+    """E(p) + η c for every tensor of the conditioning; ``strength`` η is a number or one per row."""
+    pushed = {}
+    for key, value in cond.items():
+        eta = torch.as_tensor(strength, dtype=torch.float32, device=value.device)
+        eta = eta.reshape(-1, *[1] * (value.dim() - 1)) if eta.dim() else eta
+        pushed[key] = (value.float() + eta * vector[key].to(value.device)).to(value.dtype)
+    return pushed
+
+
+def adversarial_twin_loss(backbone: Backbone, model, noised, timesteps, cond: Conditioning, vector: Conditioning,
+                          strengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """concept_vector_adversary (new option, ours): forget_loss: twin's target y (distillation_loss,
+    twin_target) taught also where Ring-A-Bell pushes the prompt,
+
+        L_f = ½ [ ‖pred_θ(x_t, E(f)) − y‖² + ‖pred_θ(x_t, E(f) + η c) − y‖² ],   η ~ U(0, η_max) per sample,
+
+    with c the concept vector of the run's own forget/retain twins (concept_vector). The attack is
+    training-free and the text encoder does not train, so c is fixed: the adversary's inner loop is
+    one draw of η per sample (in the manner of AdvUnlearn, Zhang et al. 2024, whose inner loop
+    optimises prompt tokens instead)."""
+    plain = distillation_loss(backbone, model, noised, timesteps, cond, target)
+    pushed = distillation_loss(backbone, model, noised, timesteps, pushed_by_concept_vector(cond, vector, strengths),
+                               target)
+    return 0.5 * (plain + pushed)
+
+
 def guided_denoising_loss(backbone: Backbone, model, x0, noise, timesteps, cond: Conditioning,
                           uncond: Conditioning, guidance: float):
     """‖pred(c) + w (pred(c) − pred(∅)) − target‖²: the loss of the classifier-free-guided prediction,
