@@ -368,10 +368,10 @@ def frontier_attack_plot(result: dict, path: Path) -> None:
         ax.set_xlabel("neighbour accuracy at the erasure point ↑")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"ASR ({result['concept']} comes back) ↓")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center right")  # beside, not over, the points
     fig.suptitle(f"micro world, {result['concept']!r}: attacks at the erasure point (UA ≥ {attack['ua']:.2f}; "
                  "hollow: not reached)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
