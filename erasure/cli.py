@@ -203,6 +203,9 @@ def _bench_micro(args) -> None:
 
         from erasure.shipped import shipped
 
+        if args.limit and not args.attack:
+            raise RecipeError("--limit: with --frontier it limits the attacked captions (add --attack); the "
+                              "frontier's checks take --images")
         attack = None
         if args.attack:
             attack = shipped("eval", f"attack-micro-{args.concept}.yaml") if args.attack == "shipped" else args.attack
