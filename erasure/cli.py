@@ -200,7 +200,6 @@ def _bench_micro(args) -> None:
     out = Path(args.out or f"bench-micro-{args.concept}{'-frontier' if args.frontier else ''}")
     if args.frontier:
         from erasure.bench import bench_frontier, frontier_table
-
         from erasure.shipped import shipped
 
         if args.limit and not args.attack:
