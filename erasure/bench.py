@@ -172,10 +172,9 @@ def bench_frontier(concept: str, out: str | Path, methods: list[str] | None = No
                     points.append({"step": check["step"], **({"uce_preserve_scale": scale} if closed else {}),
                                    **{k: check["world"][k] for k in CURVE_KEYS}})
             runs.append({"seed": seed, "points": points, "wall_s": cost["wall_s"]})
-            if suite is not None:
-                base = {**concept_flags(concept, method), **watch, "seed": seed, "max_steps": steps}
-                runs[-1]["erasure_point"] = erasure_point_model(recipe_path(concept, method), points, closed, base,
-                                                                frontier_folder(out, method, seed))
+            if suite is not None:  # a trained run's overrides are the loop's one; UCE's are not read again
+                runs[-1]["erasure_point"] = erasure_point_model(recipe_path(concept, method), points, closed,
+                                                                overrides, frontier_folder(out, method, seed))
         curves[method] = {"runs": runs, "closed_form": closed, "retention": retention_at_erasure(runs)}
     result = {"concept": concept, "steps": steps, "every": every, "images": images, "seeds": list(seeds),
               "captions": "world:all+aliases", "methods": curves}
@@ -214,7 +213,7 @@ def load_bench_attack_suite(path, concept: str, limit: int | None) -> dict:
     from erasure.errors import SuiteError
     from erasure.eval.attack import load_attack_suite
 
-    suite = load_attack_suite(path, {"prompts": {"limit": limit}} if limit else None)
+    suite = load_attack_suite(path, {"prompts": {"limit": limit}} if limit is not None else None)
     named = suite["metrics"].get("micro_world", {}).get("concept")
     if named != concept:
         raise SuiteError(f"--attack {path}: reads {named or 'no micro-world concept'}; the bench erases {concept!r} "

@@ -198,11 +198,13 @@ def _bench_micro(args) -> None:
     from erasure.bench import bench_micro, bench_table
 
     out = Path(args.out or f"bench-micro-{args.concept}{'-frontier' if args.frontier else ''}")
+    if args.limit is not None and args.limit < 1:  # before any training, on either path
+        raise RecipeError(f"--limit: must be ≥ 1, got {args.limit}")
     if args.frontier:
         from erasure.bench import bench_frontier, frontier_table
         from erasure.shipped import shipped
 
-        if args.limit and not args.attack:
+        if args.limit is not None and not args.attack:
             raise RecipeError("--limit: with --frontier it limits the attacked captions (add --attack); the "
                               "frontier's checks take --images")
         attack = None

@@ -199,6 +199,8 @@ def test_new_training_flags_fail_in_one_line(flags, message, tmp_path, capsys):
     (["--frontier", "--attack", "eval/attack-micro-triangle.yaml"],
      "reads triangle; the bench erases 'striped' (e.g. eval/attack-micro-striped.yaml)"),
     (["--frontier", "--limit", "8"], "--limit: with --frontier it limits the attacked captions (add --attack)"),
+    (["--frontier", "--attack", "--limit", "0"], "--limit: must be ≥ 1, got 0"),
+    (["--limit", "0"], "--limit: must be ≥ 1, got 0"),
 ])
 def test_bench_attacks_are_refused_before_training(flags, message, tmp_path, capsys, monkeypatch):
     from erasure.cli import main
